@@ -1,0 +1,2 @@
+"""CTReasoner backend and client library."""
+__version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""``ctreasoner`` command line. One file per command under ``CTReasonerLib/commands``.
+
+Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported
+only when their command runs, so ``ctreasoner --help`` stays fast and light commands never import torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import List, Optional
+
+from .errors import CTReasonerError
+
+# name -> (module under CTReasonerLib.commands, one-line help)
+COMMANDS = {
+    "info": ("info", "print a CT file's geometry and intensity summary"),
+    "convert": ("convert", "convert a CT (NIfTI, NRRD or DICOM folder) to another format, keeping geometry"),
+    "phantom": ("phantom", "generate procedural abdominal CT phantoms with 14-organ label maps"),
+    "curate": ("curate", "build a BTCV++-style dataset (slices, prompts, descriptions, Q&A, splits)"),
+    "review": ("review", "report flagged and rejected appearance descriptions in a curated dataset"),
+    "train": ("train", "train the reasoning-perception model from a config file"),
+    "merge": ("merge", "merge a training checkpoint into a standalone model folder"),
+    "eval": ("evaluate", "evaluate a model on a curated dataset split (Dice, HD95, NSD, mAP, routing)"),
+    "chat": ("chat", "run one chat turn on a CT volume and write Slicer-ready outputs"),
+    "batch": ("batch", "run queries over many volumes (resumable; shards under torchrun)"),
+    "serve": ("serve", "run the JSON-RPC backend over stdio or HTTP"),
+    "demo": ("demo", "the main job on the embedded default: sample CT -> chat -> Slicer-ready outputs"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctreasoner", description="Chat-driven CT interpretation (CTReasoner).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Two-stage parse: find the command, then let its module add its own arguments.
+    known, _ = parser.parse_known_args(argv)
+    if known.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(f"CTReasonerLib.commands.{COMMANDS[known.command][0]}")
+    sub_action = next(a for a in parser._subparsers._group_actions)  # argparse keeps subparsers here
+    module.add_arguments(sub_action.choices[known.command])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(module.run(args) or 0)
+    except CTReasonerError as exc:
+        print(f"ctreasoner {known.command}: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"  hint: {exc.hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ctreasoner {known.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""CT input/output with Slicer-compatible geometry."""

@@ -1,0 +1,58 @@
+"""Structured results of one chat turn, shared by the model, the server, the client and the Slicer bridge.
+
+numpy only: Slicer imports this module. All coordinates are in the *slice pixel frame* of the image
+that was sent: ``x`` is the column (IJK i), ``y`` is the row (IJK j); masks are indexed ``[row, col]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+
+@dataclass
+class MaskPrediction:
+    """One organ mask on one slice.
+
+    mask: (H, W) bool, full resolution of the input slice.
+    probability: (H, W) float32 in [0, 1] or None when not requested.
+    logits_lowres: (1, h, w) float32 SAM low-res logits, kept server-side for refinement (never sent).
+    """
+    organ: str
+    mask: np.ndarray
+    score: float = 1.0
+    probability: Optional[np.ndarray] = None
+    round: int = 1                      # 1 = first pass, 2 = closer look
+    logits_lowres: Optional[np.ndarray] = None
+
+
+@dataclass
+class BoxPrediction:
+    """One detected box, ``xyxy`` in pixels (x0, y0, x1, y1), inclusive-exclusive like numpy slices."""
+    organ: str
+    xyxy: np.ndarray
+    score: float
+
+
+@dataclass
+class CloserLookInfo:
+    """What a closer look examined: ``roi_xyxy`` in slice pixels and the canonical size it was resized to."""
+    ran: bool
+    roi_xyxy: Optional[np.ndarray] = None
+    canonical_size: int = 0
+    organ: Optional[str] = None
+
+
+@dataclass
+class ChatResult:
+    """Everything one chat turn produced."""
+    text: str                                   # reasoning text shown to the user (routing tokens removed)
+    raw_text: str = ""                          # generated text with routing tokens
+    routing_tokens: List[str] = field(default_factory=list)   # e.g. ["[SEG]", "[CLOSER]"]
+    target_organ: Optional[str] = None          # organ the query was resolved to, None if unresolved
+    absent: bool = False                        # the model answered that the target is not visible
+    masks: List[MaskPrediction] = field(default_factory=list)
+    boxes: List[BoxPrediction] = field(default_factory=list)
+    closer_look: CloserLookInfo = field(default_factory=lambda: CloserLookInfo(ran=False))
+    timings_ms: Dict[str, float] = field(default_factory=dict)
