@@ -11,9 +11,7 @@ from typing import Union
 
 import numpy as np
 
-from .volume import Volume
-
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+from .volume import LPS_TO_RAS, Volume
 
 
 def volume_from_sitk(image, source: Union[str, Path]) -> Volume:

@@ -17,6 +17,9 @@ from typing import Dict, Optional
 
 import numpy as np
 
+# ITK/DICOM/NRRD physical space is LPS, Slicer's is RAS: the first two axes change sign (the matrix is its own inverse).
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
 
 @dataclass
 class Volume:
