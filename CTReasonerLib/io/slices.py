@@ -62,8 +62,8 @@ def _require_axial_k(volume: Volume) -> None:
 def reorient_axial(volume: Volume) -> Volume:
     """The same voxels with the IJK axes permuted so that K is the axis closest to S (no resampling).
 
-    The permutation keeps the handedness-free mapping: every voxel keeps its RAS position. A volume already
-    axial in K is returned unchanged.
+    Spacing and direction columns are permuted with the array axes, so every voxel keeps its RAS position.
+    A volume already axial in K is returned unchanged.
     """
     axis = axial_axis(volume)
     if axis == 2:
