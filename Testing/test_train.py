@@ -1,0 +1,276 @@
+"""Training infrastructure: config loading, schedule, accumulation, clipping, checkpoints, exact resume, DeepSpeed config."""
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from CTReasonerLib.errors import ConfigError, InputFileError
+from CTReasonerLib.train.checkpoint import (capture_rng_state, list_checkpoints, load_trainer_state,
+                                            restore_rng_state)
+from CTReasonerLib.train.config import load_train_config
+from CTReasonerLib.train.distributed import (DistributedContext, load_deepspeed_config, require_deepspeed,
+                                             resolve_deepspeed_config)
+from CTReasonerLib.train.engine import TorchEngine, build_scheduler, schedule_factor
+from CTReasonerLib.train.metrics_log import read_metrics
+from CTReasonerLib.train.trainer import Trainer
+
+from fixtures_train import RegressionSamples, TwoHeadRegressor, regressor_config, weights_of
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _fresh_model(seed: int = 0, dropout: float = 0.1) -> TwoHeadRegressor:
+    torch.manual_seed(seed)
+    return TwoHeadRegressor(dropout=dropout)
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_config_yaml_overrides_and_type_checks(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: t\nseed: 3\ndata: {root: d, batch_size: 2}\noptim: {lr: 3e-4}\nrun: {epochs: 2}\n")
+    config = load_train_config(str(path), ["optim.betas=[0.8, 0.9]", "run.max_steps=5", "model.config.loss.seg=2"])
+    assert config.optim.lr == pytest.approx(3e-4)  # YAML 1.1 reads 3e-4 as a string; it must become a float
+    assert config.optim.betas == (0.8, 0.9)
+    assert config.run.max_steps == 5
+    assert config.model.config == {"loss": {"seg": 2}}
+    with pytest.raises(ConfigError, match="unknown config key.*optim.lrr"):
+        load_train_config(str(path), ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="run.epochs must be int"):
+        load_train_config(str(path), ["run.epochs=two"])
+    with pytest.raises(ConfigError, match="optim.grad_accum_steps must be >= 1"):
+        load_train_config(str(path), ["optim.grad_accum_steps=0"])
+    with pytest.raises(InputFileError):
+        load_train_config(str(tmp_path / "missing.yaml"))
+
+
+def test_shipped_configs_load():
+    tiny = load_train_config(str(REPO / "configs" / "tiny_cpu.yaml"))
+    assert tiny.model.source == "tiny" and tiny.data.phantoms and tiny.run.max_minutes <= 85
+    paper = load_train_config(str(REPO / "configs" / "qwen2_5_vl_3b_sam_vit_h.yaml"))
+    assert paper.optim.lr == pytest.approx(3e-4) and paper.optim.betas == (0.9, 0.95)
+    assert paper.optim.weight_decay == 0 and paper.optim.grad_accum_steps == 10 and paper.run.epochs == 40
+    assert paper.run.precision == "bf16"
+    lora = paper.model.config["lvlm"]["lora"]
+    assert (lora["r"], lora["alpha"], lora["dropout"]) == (8, 16, 0.05)
+    assert paper.model.config["segmenter"]["image_size"] == 1024
+
+
+def test_schedule_warmup_then_cosine():
+    assert schedule_factor(0, 10, 2, "cosine", 0.0) == pytest.approx(0.5)
+    assert schedule_factor(1, 10, 2, "cosine", 0.0) == pytest.approx(1.0)
+    assert schedule_factor(2, 10, 2, "cosine", 0.0) == pytest.approx(1.0)
+    assert schedule_factor(6, 10, 2, "cosine", 0.0) == pytest.approx(0.5)
+    assert schedule_factor(10, 10, 2, "cosine", 0.1) == pytest.approx(0.1)
+    assert schedule_factor(6, 10, 2, "linear", 0.0) == pytest.approx(0.5)
+    assert schedule_factor(9, 10, 0, "constant", 0.0) == 1.0
+
+
+# ----------------------------------------------------------------------------------------- loop mechanics
+def test_accumulation_matches_a_larger_batch(tmp_path):
+    """2 micro-batches of 2 accumulated == 1 batch of 4: the loss is scaled by the group length."""
+    data = RegressionSamples(count=4)
+    results = []
+    for batch_size, accum in ((2, 2), (4, 1)):
+        model = _fresh_model(dropout=0.0)
+        config = regressor_config(str(tmp_path / f"b{batch_size}"), epochs=1, batch_size=batch_size,
+                                  grad_accum_steps=accum)
+        Trainer(model, config, data).train()
+        results.append(weights_of(model))
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-5, atol=1e-6)
+
+
+def test_clipping_limits_the_gradient_norm():
+    model = _fresh_model(dropout=0.0)
+    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=1.0)
+    scheduler = build_scheduler(optimizer, 10, 0, "constant", 0.0)
+    engine = TorchEngine(model, optimizer, scheduler, device=torch.device("cpu"), context=DistributedContext(),
+                         max_grad_norm=0.01, autocast_dtype=None)
+    before = torch.cat([p.detach().flatten().clone() for p in model.trainable_parameters()])
+    batch = TwoHeadRegressor.collate([RegressionSamples(4)[i] for i in range(4)])
+    engine.micro_step(batch, loss_scale=1.0, sync_gradients=True)
+    grad_norm = engine.optimizer_step()
+    after = torch.cat([p.detach().flatten() for p in model.trainable_parameters()])
+    assert grad_norm > 0.01  # reported before clipping
+    assert float((after - before).norm()) == pytest.approx(0.01, rel=1e-4)  # SGD lr 1: the step is the clipped gradient
+    assert all(p.grad is None for p in model.trainable_parameters())
+
+
+def test_frozen_parameters_stay_frozen(tmp_path):
+    model = _fresh_model()
+    stem_before = model.stem.weight.detach().clone()
+    trunk_before = model.trunk[0].weight.detach().clone()
+    Trainer(model, regressor_config(str(tmp_path), epochs=1), RegressionSamples()).train()
+    assert torch.equal(model.stem.weight, stem_before)
+    assert not torch.equal(model.trunk[0].weight, trunk_before)
+
+
+def test_metrics_log_and_stop_limits(tmp_path):
+    config = regressor_config(str(tmp_path), epochs=5, max_steps=4)
+    result = Trainer(_fresh_model(), config, RegressionSamples()).train()
+    assert (result.steps, result.stopped_by) == (4, "max_steps")
+    train = read_metrics(tmp_path / "metrics.jsonl", kind="train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert {"loss", "loss_seg", "loss_det", "lr", "grad_norm", "time_s", "samples_per_s", "epoch"} <= set(train[0])
+    assert train[0]["lr"] < train[1]["lr"]  # two warmup steps, then cosine decay to the end
+    assert train[3]["lr"] < train[1]["lr"]
+    assert math.isclose(train[0]["loss"], train[0]["loss_seg"] + train[0]["loss_det"], rel_tol=1e-5)
+
+    timed = regressor_config(str(tmp_path / "timed"), epochs=50, max_minutes=1e-9)
+    result = Trainer(_fresh_model(), timed, RegressionSamples()).train()
+    assert (result.steps, result.stopped_by) == (1, "max_minutes")
+    assert (result.final_checkpoint / "trainer_state.pt").is_file()
+
+
+def test_checkpoints_are_rotated_and_reload(tmp_path):
+    config = regressor_config(str(tmp_path), epochs=3, checkpoint_every=2, keep_last=2)  # 3 steps per epoch
+    model = _fresh_model()
+    result = Trainer(model, config, RegressionSamples()).train()
+    kept = [p.name for p in list_checkpoints(tmp_path / "checkpoints")]
+    assert kept == ["step-00000006", "step-00000008"]
+    assert not list(tmp_path.glob("**/*.tmp"))
+    assert result.final_checkpoint == tmp_path / "final"
+    reloaded = TwoHeadRegressor.from_pretrained(str(result.final_checkpoint))
+    for key, value in weights_of(model).items():
+        assert torch.equal(reloaded.state_dict()[key], value)
+    state = load_trainer_state(str(result.final_checkpoint))
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (9, 3, 0)
+    assert json.loads((result.final_checkpoint / "train_config.json").read_text())["seed"] == 7
+    with pytest.raises(InputFileError, match="not a training checkpoint"):
+        load_trainer_state(str(tmp_path))
+
+
+@pytest.mark.parametrize("stop_at", [2, 3])
+def test_resume_continues_identically(tmp_path, stop_at):
+    """Straight run vs resume from a mid-run checkpoint into a fresh model: same weights, same losses.
+
+    20 samples / batch 4 = 5 micro-batches per epoch, grouped 2+2+1 (3 steps): stop_at=2 resumes
+    mid-epoch, stop_at=3 at an epoch boundary after a short group.
+    """
+    data = RegressionSamples(count=20)  # 5 batches -> groups of 2, 2, 1: the short last group is exercised
+    config = regressor_config(str(tmp_path / "straight"), epochs=2, checkpoint_every=1, keep_last=10)
+    straight = _fresh_model()
+    Trainer(straight, config, data).train()
+    checkpoint = tmp_path / "straight" / "checkpoints" / f"step-{stop_at:08d}"
+
+    resumed = TwoHeadRegressor.from_pretrained(str(checkpoint))
+    torch.manual_seed(12345)  # a resumed process starts from an unrelated RNG state
+    random.seed(5)
+    np.random.seed(5)
+    config_b = regressor_config(str(tmp_path / "resumed"), epochs=2, checkpoint_every=1, keep_last=10)
+    result = Trainer(resumed, config_b, data).train(resume_from=str(checkpoint))
+    assert result.steps == 6
+    for key, value in weights_of(straight).items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+    losses_a = [r["loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl", "train")][stop_at:]
+    losses_b = [r["loss"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl", "train")]
+    assert losses_b == pytest.approx(losses_a, rel=1e-6)
+
+
+def test_validation_runs_on_a_fixed_subset_without_disturbing_training(tmp_path):
+    seen = []
+
+    def validate(model, samples):
+        assert not model.training
+        seen.append(len(samples))
+        torch.rand(100)  # validation that draws random numbers must not change training
+        return {"val_dice": 0.5}
+
+    data = RegressionSamples()
+    config = regressor_config(str(tmp_path / "a"), epochs=1, val_every=2, val_samples=5)
+    with_val = _fresh_model()
+    result = Trainer(with_val, config, data, val_dataset=RegressionSamples(9, seed=1), validate_fn=validate).train()
+    without_val = _fresh_model()
+    Trainer(without_val, regressor_config(str(tmp_path / "b"), epochs=1), data).train()
+    assert seen == [5, 5]  # step 2, then the end of the 3-step run
+    assert result.last_validation == {"val_dice": 0.5}
+    assert [r["step"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl", "val")] == [2, 3]
+    for key, value in weights_of(without_val).items():
+        assert torch.equal(with_val.state_dict()[key], value)
+
+
+def test_rng_state_round_trip():
+    state = capture_rng_state()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    restore_rng_state(state)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed
+def test_deepspeed_config_is_filled_from_the_training_config():
+    resolved = load_deepspeed_config(str(REPO / "configs" / "deepspeed_zero2.json"), micro_batch_size=2,
+                                     grad_accum_steps=10, max_grad_norm=1.0, bf16=True, world_size=4)
+    assert resolved["zero_optimization"]["stage"] == 2
+    assert (resolved["train_micro_batch_size_per_gpu"], resolved["gradient_accumulation_steps"]) == (2, 10)
+    assert resolved["train_batch_size"] == 80 and resolved["gradient_clipping"] == 1.0
+    assert resolved["bf16"]["enabled"] is True and resolved["fp16"]["enabled"] is False
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"gradient_accumulation_steps": 4}, "contradicts the training config"),
+    ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3"),
+    ({"optimizer": {"type": "Adam"}}, "defines an optimizer"),
+    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "both bf16 and fp16"),
+])
+def test_deepspeed_config_rejects_contradictions(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_deepspeed_config(raw, micro_batch_size=1, grad_accum_steps=10, max_grad_norm=1.0, bf16=True,
+                                 world_size=1)
+
+
+def test_deepspeed_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_deepspeed(name, *args, **kwargs):
+        if name == "deepspeed":
+            raise ImportError("No module named 'deepspeed'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_deepspeed)
+    with pytest.raises(ConfigError, match="deepspeed package is not installed") as info:
+        require_deepspeed()
+    assert "docs/training.md" in info.value.hint
+    config = regressor_config(str(tmp_path), epochs=1, deepspeed=str(REPO / "configs" / "deepspeed_zero2.json"))
+    with pytest.raises(ConfigError, match="deepspeed package is not installed"):
+        Trainer(_fresh_model(), config, RegressionSamples())
+
+
+def test_deepspeed_initialize_arguments(monkeypatch, tmp_path):
+    """The engine path hands deepspeed.initialize our module (training_step as forward), AdamW, schedule, config."""
+    import sys
+    import types
+
+    captured = {}
+
+    class FakeEngine:
+        def __init__(self, module):
+            self.module = module
+
+    def initialize(**kwargs):
+        captured.update(kwargs)
+        return FakeEngine(kwargs["model"]), kwargs["optimizer"], None, kwargs["lr_scheduler"]
+
+    monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(initialize=initialize))
+    config = regressor_config(str(tmp_path), epochs=1, deepspeed=str(REPO / "configs" / "deepspeed_zero2.json"))
+    model = _fresh_model()
+    trainer = Trainer(model, config, RegressionSamples())
+    assert isinstance(captured["optimizer"], torch.optim.AdamW)
+    assert captured["optimizer"].defaults["betas"] == (0.9, 0.95)
+    assert captured["config"]["gradient_accumulation_steps"] == 2
+    assert captured["config"]["train_micro_batch_size_per_gpu"] == 4
+    batch = TwoHeadRegressor.collate([RegressionSamples(2)[i] for i in range(2)])
+    assert set(captured["model"](batch)) == {"loss", "loss_seg", "loss_det"}
+    assert trainer.engine.engine.module.model is model
