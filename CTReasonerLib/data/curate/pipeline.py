@@ -29,6 +29,7 @@ import numpy as np
 from ...errors import ConfigError, InputFileError
 from ...io.volume import Volume
 from ...organs import ORGANS, get_organ
+from ..dataset import DATASET_FORMAT, SPLITS, SUPPORTED_VERSIONS
 from .config import CurationConfig
 from .describe import describe_organ
 from .measure import build_slice_context, measure_organ
@@ -39,9 +40,7 @@ from .selection import select_slices
 
 logger = logging.getLogger(__name__)
 
-DATASET_FORMAT = "ctreasoner-btcvpp"
-DATASET_VERSION = 1
-SPLITS = ("train", "val", "test")
+DATASET_VERSION = SUPPORTED_VERSIONS[-1]
 HU_RANGE = (-1024, 3071)
 
 

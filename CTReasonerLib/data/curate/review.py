@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 from ...organs import get_organ
+from ..dataset import REVIEW_STATES
 from .config import CurationConfig
 from .describe import organ_laterality
 from .measure import SIZE_CATEGORIES, OrganGeometry, size_category
 from .schema import description_errors
 
-ACCEPTED, FLAGGED, REJECTED = "accepted", "flagged", "rejected"
-REVIEW_STATES = (ACCEPTED, FLAGGED, REJECTED)
+ACCEPTED, FLAGGED, REJECTED = REVIEW_STATES
 _SIZE_ORDER = [name for name, _ in SIZE_CATEGORIES]
 
 
