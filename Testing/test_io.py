@@ -172,6 +172,13 @@ def test_images_that_are_not_ct_are_refused(tmp_path):
     assert read_volume(tmp_path / "normalised.nii.gz", check_ct=False).array.dtype == np.float32
 
 
+def test_overlapping_segmentation_is_not_a_labelmap():
+    with pytest.raises(NotAVolumeError, match="overlapping segments") as error:
+        read_labelmap(CT_CHEST.parent / "SegmentationOverlapping.seg.nrrd")
+    assert "slicerio" in error.value.hint
+    assert read_labelmap(CT_CHEST.parent / "Segmentation.seg.nrrd").array.max() == 7
+
+
 def test_2d_images_and_single_slices_are_not_volumes(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((32, 32), np.int16)), str(tmp_path / "flat.nrrd"))
     with pytest.raises(NotAVolumeError, match="2D image"):
@@ -242,6 +249,34 @@ def test_dicom_series_is_sorted_by_position_with_ras_geometry(tmp_path, ct_slice
     assert np.array_equal(single.array, volume.array)
 
 
+@pytest.mark.parametrize("orientation", [[1, 0, 0, 0, -1, 0], [0.866025, 0.5, 0, 0, 0, -1]])
+def test_dicom_voxel_positions_match_image_position_patient(tmp_path, ct_slice, orientation):
+    """Whatever the orientation, voxel (0, 0, k) sits at the ImagePositionPatient (in RAS) of the k-th slice."""
+    row, column = np.array(orientation[:3]), np.array(orientation[3:])
+    normal = np.cross(row, column)
+    start, slice_steps = np.array([10.0, -20.0, 30.0]), [0, 2, 1, 4, 3]   # files n in shuffled slice order
+
+    def place(n, ds):
+        ds.ImageOrientationPatient = list(orientation)
+        ds.ImagePositionPatient = list(start + slice_steps[n] * 3.0 * normal)
+    _write_series(tmp_path / "series", ct_slice, num_slices=5, edit=place)
+    volume = read_volume(tmp_path / "series")
+    for n, k in enumerate(slice_steps):
+        ras = ijk_to_ras_points(volume.ijk_to_ras, [[0, 0, k]])[0]
+        np.testing.assert_allclose(ras, (start + k * 3.0 * normal) * [-1, -1, 1], atol=1e-3)
+        assert np.array_equal(volume.array[k], _template_hu(ct_slice) + n)
+    np.testing.assert_allclose(volume.directions[:, 0], row * [-1, -1, 1], atol=1e-5)
+    np.testing.assert_allclose(volume.directions[:, 1], column * [-1, -1, 1], atol=1e-5)
+
+
+def test_dicom_truncated_pixel_data_is_reported(tmp_path, ct_slice):
+    _write_series(tmp_path / "series", ct_slice, num_slices=3)
+    damaged = tmp_path / "series" / "img0002.dcm"
+    damaged.write_bytes(damaged.read_bytes()[:-9000])
+    with pytest.raises(CorruptFileError, match="cannot be decoded"):
+        read_volume(tmp_path / "series")
+
+
 def test_dicom_mixed_series_are_listed_and_one_can_be_picked(tmp_path, ct_slice):
     first = _write_series(tmp_path / "mixed", ct_slice, num_slices=3)
     second = _write_series(tmp_path / "mixed", ct_slice, num_slices=4, prefix="second", edit=lambda n, ds: setattr(
@@ -286,6 +321,10 @@ def test_dicom_inconsistent_geometry_modality_and_single_slice(tmp_path, ct_slic
     _write_series(tmp_path / "one", ct_slice, num_slices=1)
     with pytest.raises(NotAVolumeError, match="single 2D slice"):
         read_volume(tmp_path / "one" / "img0001.dcm")
+
+    _write_series(tmp_path / "multiframe", ct_slice, num_slices=1, edit=lambda n, ds: setattr(ds, "NumberOfFrames", 2))
+    with pytest.raises(UnsupportedFormatError, match="multi-frame"):
+        read_volume(tmp_path / "multiframe")
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")

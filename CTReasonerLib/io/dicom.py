@@ -132,16 +132,19 @@ def _check_same(values: List[np.ndarray], tolerance: float) -> bool:
 def check_series_geometry(headers: List[DicomSliceHeader], folder: Path) -> List[DicomSliceHeader]:
     """Validate one series as a regular volume and return its slices sorted along the slice normal.
 
-    Raises NotCTError for a non-CT modality, NotAVolumeError for a single slice, and
-    InconsistentSeriesError for mixed geometry, repeated positions or missing slices.
+    Raises NotCTError for a non-CT modality, UnsupportedFormatError for multi-frame files, NotAVolumeError for a
+    single slice, and InconsistentSeriesError for mixed geometry, repeated positions or missing slices.
     """
     modalities = sorted({h.modality for h in headers})
     if modalities != ["CT"]:
         raise NotCTError(f"{folder}: DICOM modality is {'/'.join(m or 'missing' for m in modalities)}, not CT",
                          "CTReasoner reads CT only; choose a CT series")
+    multi_frame = [h.path.name for h in headers if h.number_of_frames > 1]
+    if multi_frame:
+        # Frame geometry lives in per-frame functional groups that the series checks below do not cover.
+        raise UnsupportedFormatError(f"{folder}: multi-frame (enhanced) DICOM ({multi_frame[0]}) is not supported",
+                                     "convert the series to NRRD or NIfTI first (Slicer, dcm2niix or plastimatch)")
     if len(headers) == 1:
-        if headers[0].number_of_frames > 1:
-            return headers  # one multi-frame (enhanced) CT object: the file itself carries the volume
         raise NotAVolumeError(f"{folder}: the series has a single 2D slice ({headers[0].path.name}), not a volume",
                               "give the folder holding all slices of the series")
     missing = [h.path.name for h in headers if h.position_lps is None or h.orientation is None]
@@ -208,12 +211,9 @@ def read_dicom_series(path: Path, series_uid: Optional[str] = None) -> Volume:
         series_uid = header.series_uid
     headers = check_series_geometry(select_series(series, folder, series_uid), folder)
     try:
-        if len(headers) == 1:
-            image = sitk.ReadImage(str(headers[0].path))
-        else:
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames([str(h.path) for h in headers])
-            image = reader.Execute()
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(h.path) for h in headers])
+        image = reader.Execute()
     except RuntimeError as exc:
         raise CorruptFileError(f"{folder}: the DICOM pixel data cannot be decoded ({itk_error_summary(exc)})",
                                "the files may be damaged or use an unsupported compression; "

@@ -125,10 +125,13 @@ def verify_gzip_stream(path: Path, chunk_size: int = 1 << 20) -> None:
 def check_volume_shape(image, path: Path) -> None:
     """Refuse 2D images, single slices, 4D series and multi-component (RGB/vector) voxels."""
     size = tuple(image.GetSize())
-    if image.GetNumberOfComponentsPerPixel() > 1:
-        raise NotCTError(f"{path}: voxels have {image.GetNumberOfComponentsPerPixel()} components "
-                         "(an RGB or vector image), not CT intensities",
-                         "give a grey-scale CT volume in Hounsfield units")
+    components = image.GetNumberOfComponentsPerPixel()
+    if path.name.lower().endswith(".seg.nrrd") and (components > 1 or image.GetDimension() > 3):
+        raise NotAVolumeError(f"{path}: a segmentation with overlapping segments (several layers), not one label map",
+                              "read it with slicerio (slicerio.read_segmentation), or export a label map from Slicer")
+    if components > 1:
+        raise NotCTError(f"{path}: voxels have {components} components (an RGB or vector image), not single grey values",
+                         "give a grey-scale CT volume in Hounsfield units, or an integer label map")
     if image.GetDimension() == 2 or (image.GetDimension() == 3 and min(size) == 1):
         raise NotAVolumeError(f"{path}: a 2D image ({' x '.join(map(str, size))}) where a 3D volume was expected",
                               "give the whole CT volume (or the folder with all DICOM slices)")
