@@ -314,6 +314,19 @@ def test_dicom_inconsistent_geometry_modality_and_single_slice(tmp_path, ct_slic
     with pytest.raises(InconsistentSeriesError, match="pixel"):
         read_volume(tmp_path / "pixels")
 
+    def drift_sideways(n, ds):
+        ds.ImagePositionPatient = [ds.ImagePositionPatient[0] + 0.4 * n, *ds.ImagePositionPatient[1:]]
+    _write_series(tmp_path / "tilt", ct_slice, num_slices=4, edit=drift_sideways)
+    with pytest.raises(InconsistentSeriesError, match="drift sideways"):
+        read_volume(tmp_path / "tilt")
+
+    def stretch_last_gap(n, ds):
+        if n == 3:
+            ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], ds.ImagePositionPatient[2] + 0.6]
+    _write_series(tmp_path / "irregular", ct_slice, num_slices=4, edit=stretch_last_gap)
+    with pytest.raises(InconsistentSeriesError, match="irregular slice spacing"):
+        read_volume(tmp_path / "irregular")
+
     _write_series(tmp_path / "mr", ct_slice, num_slices=3, modality="MR")
     with pytest.raises(NotCTError, match="modality is MR"):
         read_volume(tmp_path / "mr")

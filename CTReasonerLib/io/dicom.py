@@ -171,7 +171,7 @@ def check_series_geometry(headers: List[DicomSliceHeader], folder: Path) -> List
     if np.abs(in_plane - in_plane[0]).max() > IN_PLANE_SHIFT_TOLERANCE:
         raise InconsistentSeriesError(
             f"{folder}: the slice positions drift sideways along the stack (gantry tilt or a sheared series)",
-            "resample the series to a regular grid first (e.g. Slicer's 'Acquisition cycle correction')")
+            "load it in Slicer with DICOM 'Acquisition geometry regularization' on, then save it as NRRD")
     gaps = np.diff(along_normal)
     if gaps.min() < 1e-3:
         index = int(np.argmin(gaps))
