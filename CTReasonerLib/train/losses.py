@@ -27,18 +27,24 @@ def _zero_like_graph(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float().sum() * 0.0
 
 
-def mask_loss(logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+def mask_loss(logits: torch.Tensor, targets: torch.Tensor, iou_scores: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """BCE and soft Dice of (N, 1, h, w) logits against (N, 1, H, W) binary or soft targets, in fp32.
 
     Targets are area-averaged to the logits' size (logits above ``MAX_MASK_LOSS_SIDE`` are first
     resized down), so the loss is computed at low resolution whatever the slice size.
-    Returns {"bce": scalar, "dice": scalar}; both are connected zeros when N == 0.
+    iou_scores: optional (N, 1) predictions of the decoder's IoU head; adds "iou", the MSE to the real IoU
+        of the thresholded mask (SAM's recipe). It gives masks a calibrated score and keeps the IoU head
+        in the graph (DDP requires every trainable parameter to get a gradient).
+    Returns {"bce", "dice"[, "iou"]} scalars; all are connected zeros when N == 0.
     """
     if logits.dim() != 4 or targets.dim() != 4 or logits.shape[:2] != targets.shape[:2]:
         raise ValueError(f"logits (N, 1, h, w) and targets (N, 1, H, W) must agree, got {tuple(logits.shape)} and {tuple(targets.shape)}")
     if logits.shape[0] == 0:
         zero = _zero_like_graph(logits)
-        return {"bce": zero, "dice": zero.clone()}
+        terms = {"bce": zero, "dice": zero.clone()}
+        if iou_scores is not None:
+            terms["iou"] = _zero_like_graph(iou_scores)
+        return terms
     logits = logits.float()
     if max(logits.shape[-2:]) > MAX_MASK_LOSS_SIDE:
         side = (min(logits.shape[-2], MAX_MASK_LOSS_SIDE), min(logits.shape[-1], MAX_MASK_LOSS_SIDE))
@@ -47,10 +53,18 @@ def mask_loss(logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Te
     if targets.shape[-2:] != logits.shape[-2:]:
         shrinking = targets.shape[-2] >= logits.shape[-2] and targets.shape[-1] >= logits.shape[-1]
         targets = F.interpolate(targets, size=logits.shape[-2:], mode="area" if shrinking else "bilinear")
-    return {
+    terms = {
         "bce": F.binary_cross_entropy_with_logits(logits, targets),
         "dice": _dice(logits, targets),
     }
+    if iou_scores is not None:
+        with torch.no_grad():
+            predicted, truth = logits > 0, targets > 0.5
+            intersection = (predicted & truth).flatten(1).sum(1).float()
+            union = (predicted | truth).flatten(1).sum(1).float()
+            actual_iou = torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+        terms["iou"] = F.mse_loss(iou_scores.float().reshape(-1), actual_iou)
+    return terms
 
 
 def detection_loss(
