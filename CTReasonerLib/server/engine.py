@@ -91,6 +91,9 @@ class Engine:
         """Load the model; never raises (the failure is kept in ``state``/``error`` and shown to clients)."""
         started = time.perf_counter()
         try:
+            if self.model_spec != TINY_RANDOM and not os.path.isdir(self.model_spec):
+                raise ModelError(f"model folder {self.model_spec} does not exist",
+                                 "pass --model DIR (a trained CTReasoner folder) or --model tiny-random")
             with self._stage("import torch and model code"):
                 import torch
                 from ..model.device import select_device, select_dtype
@@ -105,9 +108,6 @@ class Engine:
                     torch.manual_seed(self.seed)
                     model = CTReasonerModel.build_tiny()
                 else:
-                    if not os.path.isdir(self.model_spec):
-                        raise ModelError(f"model folder {self.model_spec} does not exist",
-                                         "pass --model DIR (a trained CTReasoner folder) or --model tiny-random")
                     model = CTReasonerModel.from_pretrained(self.model_spec)
             with self._stage(f"move to {device} ({str(dtype).replace('torch.', '')})"):
                 model = model.to(device=device, dtype=dtype).eval()

@@ -57,7 +57,7 @@ class Service:
         self.engine = engine
         self.registry = registry
         self.transport = transport
-        self.sessions = sessions or SessionManager()
+        self.sessions = sessions if sessions is not None else SessionManager()
         self.limits = limits
         self.server_version = server_version
         self.jobs = JobManager()
