@@ -12,9 +12,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from CTReasonerLib.model.image_processing import _as_float_tensor, _resize
+from CTReasonerLib.model.image_processing import as_float_tensor, resize_bilinear
 
 
 def roi_from_mask(
@@ -67,11 +66,11 @@ def crop_and_resize(image, roi, size: int) -> torch.Tensor:
 
     The result is the round-2 model input (or its target mask, then area-weighted in [0, 1]).
     """
-    tensor = _as_float_tensor(image)
+    tensor = as_float_tensor(image)
     if tensor.dim() == 2:
         tensor = tensor.unsqueeze(0)
     x0, y0, x1, y1 = _check_roi(roi, tensor.shape[-2:])
-    return _resize(tensor[None, :, y0:y1, x0:x1], (size, size))[0]
+    return resize_bilinear(tensor[None, :, y0:y1, x0:x1], (size, size))[0]
 
 
 def paste_back(crop, roi, full_hw: Tuple[int, int], background=None, fill: float = 0.0):
@@ -83,15 +82,15 @@ def paste_back(crop, roi, full_hw: Tuple[int, int], background=None, fill: float
     """
     is_numpy = not isinstance(crop, torch.Tensor)
     is_bool = crop.dtype == (np.bool_ if is_numpy else torch.bool)
-    values = _as_float_tensor(crop)
+    values = as_float_tensor(crop)
     if values.dim() != 2:
         raise ValueError(f"paste_back takes one (h, w) crop, got shape {tuple(values.shape)}")
     x0, y0, x1, y1 = _check_roi(roi, full_hw)
-    resized = F.interpolate(values[None, None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[0, 0]
+    resized = resize_bilinear(values[None, None], (y1 - y0, x1 - x0))[0, 0]
     if background is None:
         full = values.new_full(tuple(full_hw), fill)
     else:
-        full = _as_float_tensor(background).to(values.device).clone()
+        full = as_float_tensor(background).to(values.device).clone()
         if tuple(full.shape) != tuple(full_hw):
             raise ValueError(f"background is {tuple(full.shape)}, expected {tuple(full_hw)}")
     full[y0:y1, x0:x1] = resized

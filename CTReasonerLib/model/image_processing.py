@@ -51,12 +51,13 @@ def slice_to_channels(hu, windows: Sequence[Window] = MODEL_WINDOWS) -> np.ndarr
     return np.stack([hu_to_unit(hu, window) for window in windows])
 
 
-def _as_float_tensor(image) -> torch.Tensor:
+def as_float_tensor(image) -> torch.Tensor:
+    """numpy array or tensor (any dtype, bool included) -> float32 tensor, sharing memory where possible."""
     tensor = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))
     return tensor.float()
 
 
-def _resize(batch: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+def resize_bilinear(batch: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of (N, C, h, w) with half-pixel centres, antialiased when shrinking."""
     if tuple(batch.shape[-2:]) == tuple(size):
         return batch
@@ -76,7 +77,7 @@ def mask_to_original(logits: torch.Tensor, original_hw: Tuple[int, int]) -> torc
         raise ValueError(f"expected square logits (N, 1, s, s), got {tuple(logits.shape)}")
     height, width = original_hw
     side = max(height, width)
-    return _resize(logits.float(), (side, side))[:, 0, :height, :width]
+    return resize_bilinear(logits.float(), (side, side))[:, 0, :height, :width]
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class ResizeToSquare:
 
     def image(self, image) -> torch.Tensor:
         """(H, W) or (C, H, W) array/tensor in [0, 1] -> (C, S, S) float32 model input (C = 1 for 2-D input)."""
-        tensor = _as_float_tensor(image)
+        tensor = as_float_tensor(image)
         if tensor.dim() == 2:
             tensor = tensor.unsqueeze(0)
         if tuple(tensor.shape[-2:]) != tuple(self.original_hw):
@@ -110,7 +111,7 @@ class ResizeToSquare:
 
     def masks(self, masks) -> torch.Tensor:
         """(N, H, W) or (H, W) binary masks -> (N, S, S) float32 in [0, 1] (area-weighted at the edges)."""
-        tensor = _as_float_tensor(masks)
+        tensor = as_float_tensor(masks)
         if tensor.dim() == 2:
             tensor = tensor.unsqueeze(0)
         return self._pad_resize(tensor.unsqueeze(1))[:, 0]
@@ -119,7 +120,7 @@ class ResizeToSquare:
         height, width = self.original_hw
         side = self.padded_side
         batch = F.pad(batch, (0, side - width, 0, side - height), value=0.0)
-        return _resize(batch, (self.image_size, self.image_size))
+        return resize_bilinear(batch, (self.image_size, self.image_size))
 
     def mask_to_original(self, logits: torch.Tensor) -> torch.Tensor:
         """Model-frame logits (N, 1, s, s) -> (N, H, W) logits on this slice."""
