@@ -1,0 +1,243 @@
+"""Run a model over a curated dataset split and score everything the paper's tables report.
+
+Each sample is one (slice, organ, task) record. The model sees the record's first query with no
+history, through the same ``CTReasonerPipeline.chat`` that users get:
+
+* ``seg`` records: the final mask (after the closer look) is scored with Dice, HD95 and NSD; with the
+  closer-look ablation the round-1 mask of the same query is scored too (Table 4). The mask's
+  components also give mask-derived boxes for Table 7.
+* ``det`` records: every returned box (with its score) enters that organ's AP@0.1 ranking (Table 1).
+* ``absent`` records: correct when the model routes nowhere and returns no mask pixels and no box.
+  Their queries (seg- or det-phrased) are also negatives for the detection/mask-box APs.
+
+Routing accuracy is strict: a seg query must emit [SEG] and not [DET], a det query [DET] and not
+[SEG], an absent target neither.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from CTReasonerLib.organs import ORGANS
+from CTReasonerLib.results import ChatResult
+
+from .detection import PAPER_IOU_THRESHOLD, ScoredBox, average_precision, mask_to_boxes
+from .metrics import DEFAULT_NSD_TOLERANCE_MM, SegmentationMetrics, SegmentationScores
+
+logger = logging.getLogger(__name__)
+
+SEG_TOKEN, DET_TOKEN = "[SEG]", "[DET]"
+SMALLEST_ORGAN_COUNT = 4
+ORGAN_ORDER = [o.key for o in ORGANS]   # label order = the paper's Table 1 column order
+
+
+@dataclass
+class SampleOutcome:
+    """What the model did on one record, and how it scored."""
+    id: str
+    organ: str
+    task: str
+    query_task: str
+    routing_tokens: List[str]
+    routing_correct: bool
+    absent_correct: Optional[bool] = None                 # absent records only
+    scores: Optional[Dict[str, float]] = None             # final mask (seg records)
+    scores_round1: Optional[Dict[str, float]] = None      # round-1 mask (seg records, ablation)
+    closer_look_ran: bool = False
+    target_area_mm2: float = 0.0
+    gt_boxes: List[List[float]] = field(default_factory=list)
+    boxes: List[Tuple[List[float], float]] = field(default_factory=list)            # det branch
+    mask_boxes_area: List[Tuple[List[float], float]] = field(default_factory=list)
+    mask_boxes_max_prob: List[Tuple[List[float], float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class EvalSettings:
+    closer_ablation: bool = True
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM
+    iou_threshold: float = PAPER_IOU_THRESHOLD
+    mask_threshold: float = 0.5
+
+
+def final_masks(result: ChatResult, round_: Optional[int] = None):
+    """The masks of one round (default: the last round the result has)."""
+    if not result.masks:
+        return []
+    wanted = max(m.round for m in result.masks) if round_ is None else round_
+    return [m for m in result.masks if m.round == wanted]
+
+
+def union_mask(masks, shape) -> Tuple[np.ndarray, np.ndarray]:
+    """(H, W) bool union and (H, W) float32 max-probability of several masks (zeros when none)."""
+    mask = np.zeros(shape, dtype=bool)
+    probability = np.zeros(shape, dtype=np.float32)
+    for prediction in masks:
+        mask |= prediction.mask
+        prob = prediction.probability if prediction.probability is not None else prediction.mask.astype(np.float32)
+        probability = np.maximum(probability, prob)
+    return mask, probability
+
+
+def routing_correct(task: str, query_task: str, tokens: Sequence[str]) -> bool:
+    seg, det = SEG_TOKEN in tokens, DET_TOKEN in tokens
+    if task == "absent":
+        return not seg and not det
+    return (seg and not det) if query_task == "seg" else (det and not seg)
+
+
+def evaluate_sample(pipeline, sample, metrics: SegmentationMetrics, settings: EvalSettings) -> SampleOutcome:
+    """Run the chat turn(s) for one record and score them."""
+    start = time.perf_counter()
+    image = sample.image_hu
+    query = sample.turns[0]["query"]
+    # Absent targets phrased as seg queries get the same request: the model must not know the answer.
+    want_closer = sample.query_task == "seg"
+    result = pipeline.chat(image, query, [], closer_look=want_closer)
+    outcome = SampleOutcome(id=sample.id, organ=sample.organ, task=sample.task, query_task=sample.query_task,
+                            routing_tokens=list(result.routing_tokens),
+                            routing_correct=routing_correct(sample.task, sample.query_task, result.routing_tokens),
+                            closer_look_ran=bool(result.closer_look.ran),
+                            gt_boxes=np.asarray(sample.boxes, dtype=float).reshape(-1, 4).tolist())
+    shape = image.shape
+    mask, probability = union_mask(final_masks(result), shape)
+    if sample.task == "absent":
+        outcome.absent_correct = outcome.routing_correct and not mask.any() and not result.boxes
+    if sample.task == "seg":
+        target = sample.mask
+        outcome.target_area_mm2 = float(target.sum() * np.prod(sample.spacing))
+        outcome.scores = asdict(metrics(mask, target, tuple(sample.spacing)))
+        if settings.closer_ablation:
+            if result.closer_look.ran:  # the round-1 mask of the same turn, or the same turn without round 2
+                round1 = final_masks(result, 1) or final_masks(pipeline.chat(image, query, [], closer_look=False))
+            else:
+                round1 = final_masks(result)
+            round1_mask, _ = union_mask(round1, shape)
+            outcome.scores_round1 = asdict(metrics(round1_mask, target, tuple(sample.spacing)))
+    if sample.task == "seg" or (sample.task == "absent" and sample.query_task == "seg"):
+        outcome.mask_boxes_area = mask_to_boxes(probability, settings.mask_threshold, "area")
+        outcome.mask_boxes_max_prob = mask_to_boxes(probability, settings.mask_threshold, "max_prob")
+    if sample.task == "det" or (sample.task == "absent" and sample.query_task == "det"):
+        outcome.boxes = [(np.asarray(b.xyxy, dtype=float).tolist(), float(b.score)) for b in result.boxes]
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def evaluate(pipeline, samples: Sequence, settings: Optional[EvalSettings] = None, progress: bool = True,
+             ) -> Tuple[Dict[str, Any], List[SampleOutcome]]:
+    """Evaluate ``pipeline`` on ``samples``; returns (summary of every table, per-sample outcomes)."""
+    from tqdm.auto import tqdm
+
+    settings = settings or EvalSettings()
+    metrics = SegmentationMetrics(settings.nsd_tolerance_mm)
+    outcomes = [evaluate_sample(pipeline, sample, metrics, settings)
+                for sample in tqdm(samples, desc="eval", unit="sample", disable=not progress)]
+    return summarize(outcomes, settings), outcomes
+
+
+def validation_dice(model, samples: Sequence) -> Dict[str, float]:
+    """The trainer's periodic validation: mean final Dice over the seg records, and routing accuracy."""
+    from CTReasonerLib.model.inference import CTReasonerPipeline
+
+    settings = EvalSettings(closer_ablation=False)
+    metrics = SegmentationMetrics(settings.nsd_tolerance_mm)
+    pipeline = CTReasonerPipeline(model)
+    outcomes = [evaluate_sample(pipeline, s, metrics, settings) for s in samples]
+    dice = [o.scores["dice"] for o in outcomes if o.scores is not None]
+    return {"val_dice": _mean(dice), "val_routing": _mean([float(o.routing_correct) for o in outcomes]),
+            "val_samples": float(len(outcomes))}
+
+
+# ----------------------------------------------------------------------------------------------- summary
+def summarize(outcomes: Sequence[SampleOutcome], settings: EvalSettings) -> Dict[str, Any]:
+    """Every number of the report, as plain JSON-able values (fractions, not percentages)."""
+    seg = [o for o in outcomes if o.task == "seg"]
+    summary: Dict[str, Any] = {
+        "settings": asdict(settings),
+        "counts": {task: sum(o.task == task for o in outcomes) for task in ("seg", "det", "absent")},
+        "segmentation": _segmentation_table(seg, "scores"),
+        "detection": _ap_table(outcomes, "boxes", ("det",), settings.iou_threshold),
+        "mask_to_box": {
+            "area": _ap_table(outcomes, "mask_boxes_area", ("seg",), settings.iou_threshold),
+            "max_prob": _ap_table(outcomes, "mask_boxes_max_prob", ("seg",), settings.iou_threshold),
+        },
+        "routing": _routing(outcomes),
+        "absent": _absent(outcomes),
+        "closer_look": _closer_look(seg) if settings.closer_ablation else None,
+        "timing": {"seconds_total": float(sum(o.seconds for o in outcomes)),
+                   "seconds_per_sample": _mean([o.seconds for o in outcomes])},
+    }
+    return summary
+
+
+def _segmentation_table(seg: Sequence[SampleOutcome], key: str) -> Dict[str, Any]:
+    """Per-organ mean Dice/HD95/NSD over records whose target is present, and their means over organs."""
+    per_organ = {}
+    for organ in ORGAN_ORDER:
+        rows = [getattr(o, key) for o in seg if o.organ == organ and getattr(o, key) is not None
+                and not (SegmentationScores(**getattr(o, key)).both_empty)]
+        if rows:
+            per_organ[organ] = {"dice": _mean([r["dice"] for r in rows]), "hd95_mm": _mean([r["hd95_mm"] for r in rows]),
+                                "nsd": _mean([r["nsd"] for r in rows]), "n": len(rows)}
+    mean = {metric: _mean([v[metric] for v in per_organ.values()]) for metric in ("dice", "hd95_mm", "nsd")}
+    return {"per_organ": per_organ, "mean": mean}
+
+
+def _ap_table(outcomes: Sequence[SampleOutcome], key: str, tasks: Sequence[str], iou_threshold: float) -> Dict[str, Any]:
+    """AP per organ over the records of ``tasks`` (ground truth) plus absent records phrased the same way."""
+    per_organ = {}
+    for organ in ORGAN_ORDER:
+        rows = [o for o in outcomes if o.organ == organ and
+                (o.task in tasks or (o.task == "absent" and o.query_task in tasks))]
+        if not any(o.task in tasks for o in rows):
+            continue
+        predictions = [ScoredBox(o.id, box, score) for o in rows for box, score in getattr(o, key)]
+        ground_truth = {o.id: np.asarray(o.gt_boxes, dtype=float).reshape(-1, 4) for o in rows}
+        ap = average_precision(predictions, ground_truth, iou_threshold)
+        per_organ[organ] = {"ap": ap, "n_gt": int(sum(len(g) for g in ground_truth.values())),
+                            "n_pred": len(predictions), "n_slices": len(rows)}
+    return {"per_organ": per_organ, "map": _mean([v["ap"] for v in per_organ.values()])}
+
+
+def _routing(outcomes: Sequence[SampleOutcome]) -> Dict[str, Any]:
+    by_task = {task: _mean([float(o.routing_correct) for o in outcomes if o.task == task])
+               for task in ("seg", "det", "absent")}
+    return {"accuracy": _mean([float(o.routing_correct) for o in outcomes]), "n": len(outcomes), "by_task": by_task}
+
+
+def _absent(outcomes: Sequence[SampleOutcome]) -> Dict[str, Any]:
+    absent = [o for o in outcomes if o.task == "absent"]
+    present = [o for o in outcomes if o.task != "absent"]
+    # A present target answered with neither token nor output is the opposite error.
+    false_absent = [float(not (SEG_TOKEN in o.routing_tokens or DET_TOKEN in o.routing_tokens)) for o in present]
+    return {"accuracy": _mean([float(o.absent_correct) for o in absent]), "n": len(absent),
+            "false_absent_rate": _mean(false_absent), "n_present": len(present)}
+
+
+def _closer_look(seg: Sequence[SampleOutcome]) -> Dict[str, Any]:
+    """Table 4 (average Dice/HD95 without vs with the closer look) and the smallest organs' Dice."""
+    without = _segmentation_table(seg, "scores_round1")
+    with_ = _segmentation_table(seg, "scores")
+    areas = {organ: _mean([o.target_area_mm2 for o in seg if o.organ == organ and o.target_area_mm2 > 0])
+             for organ in ORGAN_ORDER}
+    measured = [organ for organ in ORGAN_ORDER if organ in with_["per_organ"] and organ in without["per_organ"]]
+    smallest = sorted(measured, key=lambda organ: areas[organ])[:SMALLEST_ORGAN_COUNT]
+    small_without = _mean([without["per_organ"][k]["dice"] for k in smallest])
+    small_with = _mean([with_["per_organ"][k]["dice"] for k in smallest])
+    return {
+        "without": without["mean"], "with": with_["mean"],
+        "per_organ_without": without["per_organ"], "per_organ_with": with_["per_organ"],
+        "smallest_organs": smallest, "smallest_mean_area_mm2": {k: areas[k] for k in smallest},
+        "smallest_dice_without": small_without, "smallest_dice_with": small_with,
+        "smallest_dice_gain": small_with - small_without,
+        "ran_fraction": _mean([float(o.closer_look_ran) for o in seg]),
+    }
+
+
+def _mean(values: Sequence[float]) -> float:
+    values = [float(v) for v in values if v is not None and not np.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")

@@ -1,0 +1,220 @@
+"""Evaluation: Dice/HD95/NSD on hand-made masks, empty-mask rules, AP@0.1 on hand-made boxes, mask->box,
+the per-record scoring of chat results, and the Markdown/JSON report."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from CTReasonerLib.eval.detection import ScoredBox, average_precision, mask_to_boxes
+from CTReasonerLib.eval.evaluate import EvalSettings, evaluate, routing_correct
+from CTReasonerLib.eval.metrics import SegmentationMetrics, max_distance_mm
+from CTReasonerLib.eval.report import render_report, write_report
+from CTReasonerLib.organs import ORGANS
+from CTReasonerLib.results import BoxPrediction, ChatResult, CloserLookInfo, MaskPrediction
+
+
+def _square(top: int, left: int, size: int = 20, shape=(64, 64)) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[top:top + size, left:left + size] = True
+    return mask
+
+
+@pytest.fixture(scope="module")
+def metrics() -> SegmentationMetrics:
+    return SegmentationMetrics(nsd_tolerance_mm=2.0)
+
+
+# -------------------------------------------------------------------------------------------- segmentation
+def test_offset_squares_have_known_dice_hd95_nsd(metrics):
+    """20x20 squares 3 px apart along the columns at 2 mm: Dice 17/20, HD95 3 px = 6 mm."""
+    scores = metrics(_square(20, 20), _square(20, 23), (2.0, 2.0))
+    assert scores.dice == pytest.approx(0.85, abs=1e-6)
+    assert scores.hd95_mm == pytest.approx(6.0)
+    assert 0.0 < scores.nsd < 1.0  # the shifted left/right edges are 6 mm off, beyond the 2 mm tolerance
+    assert SegmentationMetrics(nsd_tolerance_mm=6.0)(_square(20, 20), _square(20, 23), (2.0, 2.0)).nsd == pytest.approx(1.0)
+
+
+def test_spacing_is_row_then_column(metrics):
+    column_shift = metrics(_square(20, 20), _square(20, 23), (1.0, 2.0))
+    row_shift = metrics(_square(20, 20), _square(23, 20), (1.0, 2.0))
+    assert column_shift.hd95_mm == pytest.approx(6.0)
+    assert row_shift.hd95_mm == pytest.approx(3.0)
+
+
+def test_empty_masks_are_decided_explicitly(metrics):
+    empty = np.zeros((64, 64), dtype=bool)
+    missed = metrics(empty, _square(10, 10), (0.5, 1.0))
+    assert (missed.dice, missed.nsd, missed.prediction_empty, missed.both_empty) == (0.0, 0.0, True, False)
+    assert missed.hd95_mm == pytest.approx(math.hypot(64 * 0.5, 64 * 1.0)) == max_distance_mm((64, 64), (0.5, 1.0))
+    hallucinated = metrics(_square(10, 10), empty, (1.0, 1.0))
+    assert (hallucinated.dice, hallucinated.target_empty) == (0.0, True)
+    assert math.isfinite(hallucinated.hd95_mm)
+    nothing = metrics(empty, empty, (1.0, 1.0))
+    assert (nothing.dice, nothing.hd95_mm, nothing.both_empty) == (1.0, 0.0, True)
+    with pytest.raises(ValueError):
+        metrics(empty, np.zeros((32, 64), dtype=bool), (1.0, 1.0))
+
+
+# ----------------------------------------------------------------------------------------------- detection
+def test_average_precision_on_hand_made_boxes():
+    gt = {"a": np.array([[0, 0, 10, 10]]), "b": np.array([[20, 20, 30, 30]]), "c": np.zeros((0, 4))}
+    perfect = [ScoredBox("a", [0, 0, 10, 10], 0.9), ScoredBox("b", [21, 21, 30, 30], 0.8)]
+    assert average_precision(perfect, gt) == pytest.approx(1.0)
+    # One of two organs missed: recall stops at 0.5 with precision 1.
+    assert average_precision(perfect[:1], gt) == pytest.approx(0.5)
+    # A false positive (on the empty slice c) ranked above both hits: precision 1/2 at recall 0.5, 2/3 at 1.0.
+    with_fp = perfect + [ScoredBox("c", [0, 0, 5, 5], 0.95)]
+    assert average_precision(with_fp, gt) == pytest.approx(2 / 3)
+    # Ranked below both hits, it costs nothing.
+    assert average_precision(perfect + [ScoredBox("c", [0, 0, 5, 5], 0.1)], gt) == pytest.approx(1.0)
+    # A duplicate of an already-claimed box is a false positive.
+    duplicate = [perfect[0], ScoredBox("a", [0, 0, 10, 10], 0.85), perfect[1]]
+    assert average_precision(duplicate, gt) == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert math.isnan(average_precision(perfect, {"c": np.zeros((0, 4))}))
+    assert average_precision([], gt) == 0.0
+
+
+def test_iou_threshold_is_point_one():
+    gt = {"a": np.array([[0, 0, 10, 10]])}
+    loose = ScoredBox("a", [0, 0, 10, 14], 0.9)        # IoU 100/140 = 0.71
+    sliver = ScoredBox("a", [0, 0, 10, 1.5], 0.9)      # IoU 15/100 = 0.15 >= 0.1
+    miss = ScoredBox("a", [0, 0, 10, 0.5], 0.9)        # IoU 5/100 = 0.05 < 0.1
+    assert average_precision([loose], gt) == 1.0
+    assert average_precision([sliver], gt) == 1.0
+    assert average_precision([miss], gt) == 0.0
+    assert average_precision([loose], gt, iou_threshold=0.75) == 0.0
+
+
+def test_mask_to_boxes_confidences():
+    probability = np.zeros((40, 40), dtype=np.float32)
+    probability[2:12, 2:12] = 0.7     # 100 px
+    probability[20:25, 30:35] = 0.6   # 25 px
+    probability[21, 31] = 0.95
+    by_area = mask_to_boxes(probability, 0.5, "area")
+    assert [box for box, _ in by_area] == [[2, 2, 12, 12], [30, 20, 35, 25]]
+    assert [score for _, score in by_area] == pytest.approx([0.8, 0.2])
+    by_prob = mask_to_boxes(probability, 0.5, "max_prob")
+    assert [score for _, score in by_prob] == pytest.approx([0.7, 0.95])
+    assert mask_to_boxes(np.zeros((8, 8)), 0.5) == []
+    with pytest.raises(ValueError):
+        mask_to_boxes(probability, 0.5, "size")
+
+
+def test_routing_is_strict():
+    assert routing_correct("seg", "seg", ["[SEG]", "[CLOSER]"])
+    assert not routing_correct("seg", "seg", ["[SEG]", "[DET]"])
+    assert routing_correct("det", "det", ["[DET]"])
+    assert not routing_correct("det", "det", [])
+    assert routing_correct("absent", "seg", [])
+    assert not routing_correct("absent", "det", ["[DET]"])
+
+
+# ------------------------------------------------------------------------------------ evaluate + report
+@dataclass
+class FakeSample:
+    """The fields of ``CuratedDataset`` samples that evaluation reads."""
+    id: str
+    organ: str
+    task: str
+    query_task: str
+    image_hu: np.ndarray
+    mask: np.ndarray
+    boxes: np.ndarray
+    spacing: np.ndarray = field(default_factory=lambda: np.array([1.0, 1.0]))
+    turns: List[Dict[str, str]] = field(default_factory=list)
+
+
+class ScriptedPipeline:
+    """Answers each query from its sample: round 1 = the target eroded by 2 px, the closer look = the target.
+
+    Detection returns the true boxes; ``wrong_routing`` ids get [DET] for a seg query.
+    """
+
+    def __init__(self, samples, wrong_routing=()):
+        self.by_query = {s.turns[0]["query"]: s for s in samples}
+        self.wrong_routing = set(wrong_routing)
+        self.calls = []
+
+    def chat(self, image_hu, query, history, closer_look=False) -> ChatResult:
+        sample = self.by_query[query]
+        self.calls.append((sample.id, closer_look))
+        if sample.task == "absent":
+            return ChatResult(text="not visible", absent=True)
+        if sample.task == "det":
+            boxes = [BoxPrediction(sample.organ, b, 0.9) for b in sample.boxes]
+            return ChatResult(text="found", routing_tokens=["[DET]"], boxes=boxes)
+        eroded = ndimage.binary_erosion(sample.mask, iterations=2)
+        masks = [MaskPrediction(sample.organ, eroded, probability=eroded.astype(np.float32), round=1)]
+        tokens = ["[DET]"] if sample.id in self.wrong_routing else ["[SEG]"]
+        info = CloserLookInfo(ran=False)
+        if closer_look:
+            masks.append(MaskPrediction(sample.organ, sample.mask, probability=sample.mask * 0.8, round=2))
+            tokens.append("[CLOSER]")
+            info = CloserLookInfo(ran=True, roi_xyxy=np.array([0, 0, 64, 64]), canonical_size=64)
+        return ChatResult(text="here", routing_tokens=tokens, masks=masks, closer_look=info)
+
+
+def _scenario():
+    samples = []
+    image = np.zeros((64, 64), dtype=np.int16)
+    for index, organ in enumerate(ORGANS):
+        size = 6 + 2 * index  # organ 1 is the smallest
+        mask = _square(10, 10, size)
+        box = np.array([[10, 10, 10 + size, 10 + size]], dtype=np.float32)
+        for task in ("seg", "det"):
+            samples.append(FakeSample(f"{organ.key}_{task}", organ.key, task, task, image, mask, box,
+                                      turns=[{"query": f"{task} {organ.name}"}]))
+        samples.append(FakeSample(f"{organ.key}_absent", organ.key, "absent", "det", image,
+                                  np.zeros((64, 64), dtype=bool), np.zeros((0, 4), np.float32),
+                                  turns=[{"query": f"where is the {organ.name}?"}]))
+    return samples
+
+
+def test_evaluate_scores_every_table_and_the_report_renders(tmp_path):
+    samples = _scenario()
+    pipeline = ScriptedPipeline(samples, wrong_routing={"liver_seg"})
+    summary, outcomes = evaluate(pipeline, samples, EvalSettings(closer_ablation=True), progress=False)
+    assert summary["counts"] == {"seg": 14, "det": 14, "absent": 14}
+    seg = summary["segmentation"]
+    assert seg["mean"]["dice"] == pytest.approx(1.0) and seg["per_organ"]["spleen"]["n"] == 1
+    closer = summary["closer_look"]
+    assert closer["with"]["dice"] == pytest.approx(1.0)
+    assert closer["without"]["dice"] < 0.9 and closer["without"]["hd95_mm"] > closer["with"]["hd95_mm"]
+    assert closer["smallest_organs"] == ["spleen", "right_kidney", "left_kidney", "gallbladder"]
+    assert closer["smallest_dice_gain"] > 0.2
+    assert summary["detection"]["map"] == pytest.approx(1.0)
+    assert summary["mask_to_box"]["area"]["map"] == pytest.approx(1.0)
+    assert summary["routing"]["accuracy"] == pytest.approx(41 / 42)
+    assert summary["routing"]["by_task"]["seg"] == pytest.approx(13 / 14)
+    assert summary["absent"]["accuracy"] == 1.0
+    # Seg queries ask for the closer look; the ablation reuses the round-1 mask of the same turn.
+    assert sorted(c for i, c in pipeline.calls if i.endswith("_seg")) == [True] * 14
+
+    summary["run"] = {"model": "scripted", "dataset": "hand-made", "split": "test"}
+    rows = [o.__dict__ for o in outcomes]
+    paths = write_report(str(tmp_path), summary, rows)
+    report = paths["report"].read_text()
+    for heading in ("Table 1 layout", "Table 4 layout", "Table 7 layout", "Routing and absent targets"):
+        assert heading in report
+    assert "| Method | Spl | RKid | LKid | Gall | Eso | Liv | Sto | Aor | IVC | PSV | Pan | RAG | LAG | Duo | Mean |" in report
+    assert "| This model | 100.00 |" in report
+    assert "| Method | PSV | RAG | LAG | Duo | Mean, all organs |" in report
+    saved = json.loads(paths["results"].read_text())
+    assert saved["detection"]["per_organ"]["duodenum"]["ap"] == pytest.approx(1.0)
+    assert len(paths["samples"].read_text().splitlines()) == 42
+
+
+def test_report_without_ablation_and_with_missing_organs():
+    samples = [s for s in _scenario() if s.organ in ("liver", "spleen")]
+    summary, _ = evaluate(ScriptedPipeline(samples), samples, EvalSettings(closer_ablation=False), progress=False)
+    assert summary["closer_look"] is None
+    report = render_report(summary)
+    assert "Not run (`--no-closer-ablation`)" in report
+    assert "| This model | 100.00 | – |" in report  # spleen scored, right kidney absent from the split
+    assert json.dumps(summary["segmentation"]["per_organ"])  # plain JSON types
