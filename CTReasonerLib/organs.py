@@ -104,7 +104,7 @@ def slicer_terminology_string(organ: Organ) -> str:
     cat_code, cat_meaning = TERMINOLOGY_CATEGORY
     type_code, type_meaning = organ.snomed_type
     mod = organ.snomed_modifier
-    mod_part = f"SCT^{mod[0]}^{mod[1]}" if mod else ""
+    mod_part = f"SCT^{mod[0]}^{mod[1]}" if mod else "^^"
     return (f"Segmentation category and type - 3D Slicer General Anatomy list~"
             f"SCT^{cat_code}^{cat_meaning}~SCT^{type_code}^{type_meaning}~{mod_part}~"
             f"Anatomic codes - DICOM master list~^^~^^")
