@@ -1,7 +1,7 @@
 """``CTReasonerConfig``: everything needed to rebuild a CTReasoner model, saved as ``ctreasoner_config.json``.
 
 Sections: ``lvlm`` (backbone, local folder or tiny dims, LVLM image size, what trains, LoRA),
-``segmenter`` (:class:`SegmenterConfig`), ``detection``, ``closer_look``, ``loss`` (the paper's eq. 10
+``segmenter`` (:class:`SegmenterConfig`), ``detection`` (:class:`DetectionHeadConfig`), ``closer_look``, ``loss`` (the paper's eq. 10
 weights: "all equally", so every weight is 1). ``from_dict`` accepts partial nested mappings (training
 config overrides) on top of the defaults and rejects unknown keys.
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from CTReasonerLib.errors import ConfigError, InputFileError
+from CTReasonerLib.model.detection.head import DetectionHeadConfig
 from CTReasonerLib.model.segmenter.base import SegmenterConfig
 
 CONFIG_NAME = "ctreasoner_config.json"
@@ -47,7 +48,7 @@ class LVLMConfig:
     image_size: int = 112
     trainable: str = "full"
     dtype: Optional[str] = None
-    max_new_tokens: int = 96
+    max_new_tokens: int = 160
     tokenizer_vocab_size: int = 2048
     tiny_hidden_size: int = 192
     tiny_layers: int = 3
@@ -62,25 +63,20 @@ class LVLMConfig:
 
 
 @dataclass
-class DetectionConfig:
-    """DETR-style box head: Q learnable queries, boxes kept above ``score_threshold`` at inference."""
-    num_queries: int = 8
-    score_threshold: float = 0.5
-
-
-@dataclass
 class CloserLookConfig:
-    """Round 2 (paper §3.2): ROI = mask box * ``margin`` (squared, clamped), resized to ``canonical_size``.
+    """Round 2 (paper §3.2): ROI around the mask (``closer_look.roi_from_mask``), resized to ``canonical_size``.
 
-    canonical_size: None = the segmenter's image size. jitter: relative shift/scale noise of the
-    ground-truth ROI during training, so round 2 learns from imperfect round-1 boxes.
-    min_roi: smallest ROI side in source pixels (tiny masks are not zoomed beyond this).
+    margin: grows the mask's box by this fraction of its larger extent on every side (0.5: a square of
+        twice the extent). canonical_size: None = the segmenter's image size. jitter: relative shift/scale
+        noise of the ground-truth ROI during training, so round 2 learns from imperfect round-1 boxes.
+    min_roi: smallest ROI side in slice pixels (tiny masks are not zoomed beyond this).
+    query: the round-2 question asked when the caller requests a closer look without wording one.
     """
-    margin: float = 2.0
+    margin: float = 0.5
     canonical_size: Optional[int] = None
     jitter: float = 0.15
-    min_roi: int = 24
-    query: str = "Can you have a closer look?"
+    min_roi: int = 32
+    query: str = "Have a closer look at the {name}."
 
 
 @dataclass
@@ -91,16 +87,21 @@ class LossWeights:
     det: float = 1.0
     seg_bce: float = 1.0
     seg_dice: float = 1.0
+    #: SAM's IoU-prediction head (MSE to the real IoU); not in the paper, it makes mask scores meaningful
+    seg_iou: float = 1.0
     det_l1: float = 1.0
     det_giou: float = 1.0
     det_objectness: float = 1.0
+    #: SAM-style interactive refinement (clicks, box, previous mask; no routing token) that trains the
+    #: prompt-encoder path the service's ``refine`` uses. Not in the paper; 0 disables it.
+    interactive: float = 1.0
 
 
 @dataclass
 class CTReasonerConfig:
     lvlm: LVLMConfig = field(default_factory=LVLMConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
-    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    detection: DetectionHeadConfig = field(default_factory=DetectionHeadConfig)
     closer_look: CloserLookConfig = field(default_factory=CloserLookConfig)
     loss: LossWeights = field(default_factory=LossWeights)
     projector_dim: int = 256
@@ -122,8 +123,8 @@ class CTReasonerConfig:
             problems.append(f"lvlm.trainable must be one of {LVLM_TRAINABLE}, got {self.lvlm.trainable!r}")
         if self.lvlm.backbone == "qwen2_5_vl" and self.lvlm.image_size % 28:
             problems.append(f"lvlm.image_size must be a multiple of 28 for Qwen2.5-VL, got {self.lvlm.image_size}")
-        if self.closer_look.margin < 1:
-            problems.append("closer_look.margin must be >= 1 (the ROI must contain the mask)")
+        if self.closer_look.margin < 0:
+            problems.append("closer_look.margin must be >= 0 (the ROI must contain the mask)")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems), "fix the model section of the config")
         return self
@@ -131,13 +132,15 @@ class CTReasonerConfig:
     def to_dict(self) -> Dict[str, Any]:
         data = dataclasses.asdict(self)
         data["segmenter"] = self.segmenter.to_dict()
+        data["detection"] = self.detection.to_dict()
         return data
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "CTReasonerConfig":
         data = dict(data or {})
         segmenter = SegmenterConfig.from_dict({**SegmenterConfig().to_dict(), **data.pop("segmenter", {})})
-        config = _merge(cls(segmenter=segmenter), data, "")
+        detection = DetectionHeadConfig.from_dict({**DetectionHeadConfig().to_dict(), **data.pop("detection", {})})
+        config = _merge(cls(segmenter=segmenter, detection=detection), data, "")
         return config.validate()
 
     def save(self, directory: str) -> str:

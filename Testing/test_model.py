@@ -1,0 +1,113 @@
+"""CTReasonerModel: config round trip, collate, training steps that overfit, every head in every step,
+and save_pretrained / from_pretrained equality."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fixtures_model import disc_sample, tiny_model_config
+from CTReasonerLib.errors import ConfigError
+from CTReasonerLib.model.config import CTReasonerConfig
+from CTReasonerLib.model.ctreasoner import CTReasonerModel, dataset_corpus
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return [disc_sample("seg", closer=True), disc_sample("det", split=True), disc_sample("absent", "spleen")]
+
+
+def _model(samples, **lvlm):
+    torch.manual_seed(0)
+    return CTReasonerModel.build_tiny(tiny_model_config(**lvlm), corpus=dataset_corpus(samples))
+
+
+def test_config_round_trip_and_validation():
+    config = tiny_model_config()
+    assert CTReasonerConfig.from_dict(config.to_dict()) == config
+    assert CTReasonerConfig().loss.seg == CTReasonerConfig().loss.det == 1.0  # paper: "all equally"
+    with pytest.raises(ConfigError, match="unknown model config key"):
+        CTReasonerConfig.from_dict({"lvlm": {"hiden_size": 3}})
+    with pytest.raises(ConfigError, match="multiple of 28"):
+        CTReasonerConfig.from_dict({"lvlm": {"image_size": 100}})
+
+
+def test_collate_builds_round_two_rows_and_dedupes_images(samples):
+    model = _model(samples)
+    batch = model.collate(samples + [disc_sample("det", split=True)])
+    # 4 round-1 rows + 1 closer-look row; identical slices (the two det ones; the seg and the absent one,
+    # which differ only in their question) share one encoded image
+    assert batch.is_round2.tolist() == [False, False, False, False, True]
+    assert batch.images.shape[0] == 3
+    assert batch.sequence_image[1] == batch.sequence_image[3] and batch.sequence_image[0] == batch.sequence_image[2]
+    assert batch.sequence_image[4] not in batch.sequence_image[:4]  # the crop is a new image
+    assert batch.mask_targets[0].sum() > 0 and batch.mask_targets[2].sum() == 0
+    assert len(batch.box_targets[1]) == 2 and len(batch.box_targets[0]) == 0  # a split organ gives 2 boxes
+    # the crop's target fills more of the frame than the round-1 target: the zoom is real
+    assert batch.mask_targets[4].mean() > 2 * batch.mask_targets[0].mean()
+
+
+def test_training_step_overfits_and_every_head_gets_gradients(samples):
+    torch.set_num_threads(1)
+    model = _model(samples)
+    model.train()
+    batch = model.collate(samples)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        out = model.training_step(batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        if not losses:
+            starved = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+            assert not starved, starved[:5]
+        optimizer.step()
+        losses.append({k: float(v.detach()) for k, v in out.items()})
+    assert losses[-1]["loss"] < 0.8 * losses[0]["loss"]
+    for term in ("lm", "seg_dice", "det_l1"):
+        assert losses[-1][term] < losses[0][term], term
+
+
+def test_heads_take_part_without_their_task(samples):
+    model = _model(samples)
+    out = model.training_step(model.collate([samples[2]]))  # absent only: no [SEG], no [DET]
+    out["loss"].backward()
+    assert float(out["seg_bce"]) == 0.0 and float(out["det_l1"]) == 0.0
+    assert model.detection_head.query_embed.weight.grad is not None
+    assert model.segmenter.mask_decoder.iou_token.weight.grad is not None
+
+
+def test_save_and_reload_into_a_fresh_model_gives_identical_outputs(samples, tmp_path):
+    model = _model(samples).eval()
+    batch = model.collate(samples[:2])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        before = {k: float(v) for k, v in model.training_step(batch).items()}
+    model.save_pretrained(str(tmp_path))
+    reloaded = CTReasonerModel.from_pretrained(str(tmp_path), device="cpu")
+    assert reloaded.config == model.config and not reloaded.training
+    torch.manual_seed(1)
+    with torch.no_grad():
+        after = {k: float(v) for k, v in reloaded.training_step(batch).items()}
+    assert after == before
+
+
+def test_lora_checkpoint_stores_only_the_adapter_and_reloads_over_the_base(samples, tmp_path):
+    base = _model(samples)
+    base_dir = tmp_path / "base"
+    base.lvlm.save_pretrained(str(base_dir))
+    config = tiny_model_config(path=str(base_dir), trainable="lora")
+    model = CTReasonerModel.build(config)
+    lora_names = [n for n, p in model.lvlm.named_parameters() if p.requires_grad]
+    assert lora_names and all("lora_" in n or "trainable_tokens" in n for n in lora_names)
+    with torch.no_grad():  # make the adapter non-trivial
+        for name, parameter in model.lvlm.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                parameter.normal_(0, 0.05)
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    assert not (tmp_path / "ckpt" / "lvlm" / "model.safetensors").exists()
+    assert (tmp_path / "ckpt" / "lvlm" / "adapter_model.safetensors").exists()
+    reloaded = CTReasonerModel.from_pretrained(str(tmp_path / "ckpt"), device="cpu")
+    batch = model.collate(samples[:1]).lvlm
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.lvlm(batch)[1], reloaded.lvlm(batch)[1])
