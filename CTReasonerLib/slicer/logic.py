@@ -25,8 +25,8 @@ from . import geometry
 from .bridge import AppliedResult, apply_results, resolve_organ
 from .jobs import JobContext, ProgressCallback, SceneJob
 from .rois import roi_pixel_box
-from .segments import (CONFLICT_POLICIES, Provenance, SegmentConflict, check_policy, find_segmentation_node,
-                       organ_segment_ids, read_segment_array)
+from .segments import (CONFLICT_POLICIES, VOLUME_ATTRIBUTE, Provenance, SegmentConflict, check_policy,
+                       find_segmentation_node, organ_segment_ids, read_segment_array)
 from .undo import UndoStack
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,22 @@ def describe_backend(info: Dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def check_local_backend(python_executable: str, model_path: str = "") -> None:
+    """Refuse a local backend that cannot start, before trying, with the fix."""
+    import os
+    if not python_executable:
+        raise ConfigError("no backend Python is set",
+                          "choose the python of an environment with the CTReasoner backend, "
+                          "or use 'Set up local backend'")
+    if not (os.path.isfile(python_executable) and os.access(python_executable, os.X_OK)):
+        raise ConfigError(f"the backend Python {python_executable} does not exist or is not executable",
+                          "choose the python inside your backend environment (bin/python, or Scripts\\python.exe "
+                          "on Windows), or use 'Set up local backend'")
+    if model_path and not os.path.isdir(model_path):
+        raise ConfigError(f"the model folder {model_path} does not exist",
+                          "choose a model folder (with config.json), or leave it empty for the default model")
+
+
 def organ_found(result: ChatResult) -> bool:
     """Whether a slice's answer contains the organ: a non-empty mask or a box, and not declared absent."""
     if result.absent:
@@ -151,6 +167,8 @@ class SceneLogic:
         """
         from ..client.client import CTReasonerClient
         if mode == "local":
+            if pythonExecutable:
+                check_local_backend(pythonExecutable, modelPath or "")
             client = CTReasonerClient.local(python=pythonExecutable or None, model=modelPath or None,
                                             device=device or "auto", **clientOptions)
         elif mode == "ssh":
@@ -522,6 +540,29 @@ class SceneLogic:
         """Run ``queries`` on many volumes and save ``.seg.nrrd`` + ``.mrk.json`` per volume (see ``batch``)."""
         from .batch import process_volumes
         return process_volumes(self, nodesOrPaths, queries, outputFolder, progressCallback, sliceIndex, closerLook)
+
+    # ------------------------------------------------------------------------------------------ transcript links
+
+    def linkTarget(self, kind: str, nodeId: str, segmentId: Optional[str] = None):
+        """(node, world RAS centre) of a transcript link: a segment's voxel centroid, or an ROI's centre.
+
+        Raises when the node or segment was deleted since the answer, so the Widget can say so.
+        """
+        import slicer
+        node = slicer.mrmlScene.GetNodeByID(nodeId)
+        if node is None:
+            raise CTReasonerError("that item was deleted from the scene")
+        if kind == "segment":
+            volume_node = slicer.mrmlScene.GetNodeByID(node.GetAttribute(VOLUME_ATTRIBUTE) or "")
+            if volume_node is None or node.GetSegmentation().GetSegment(segmentId) is None:
+                raise CTReasonerError("that segment (or its volume) was deleted")
+            voxels = np.argwhere(read_segment_array(node, segmentId, volume_node))
+            if voxels.size == 0:
+                raise CTReasonerError("that segment is empty now")
+            return node, geometry.ijk_to_world(volume_node, voxels.mean(axis=0)[::-1])
+        center = np.zeros(3)
+        node.GetCenterWorld(center)
+        return node, center
 
     # ------------------------------------------------------------------------------------------ helpers
 
