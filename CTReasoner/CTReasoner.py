@@ -671,11 +671,10 @@ class CTReasonerTest(ScriptedLoadableModuleTest):
             self.delayDisplay("Skipped: set CTREASONER_BACKEND_PYTHON to the backend environment's python")
             return
         workdir = tempfile.mkdtemp(prefix="ctreasoner-selftest-")
-        subprocess.run([python, "-m", "CTReasonerLib.cli", "phantom", "--out", workdir, "--count", "1"],
-                       check=True, timeout=600)
-        images = sorted(os.path.join(root, name) for root, _, names in os.walk(workdir) for name in names
-                        if name.endswith((".nrrd", ".nii.gz")) and "label" not in name and "seg" not in name)
-        self.assertTrue(images, f"the phantom command wrote no CT image into {workdir}")
+        subprocess.run([python, "-m", "CTReasonerLib.cli", "phantom", "--seed", "7", "--out", workdir,
+                        "--format", "nrrd"], check=True, timeout=600)
+        images = [os.path.join(workdir, "phantom_0007_ct.nrrd")]
+        self.assertTrue(os.path.isfile(images[0]), f"the phantom command wrote no {images[0]}")
         volume = slicer.util.loadVolume(images[0])
         logic = CTReasonerLogic(conflictPolicy="new")
         try:
