@@ -158,13 +158,14 @@ def test_roi_from_pixel_box_covers_exactly_the_box_pixels_in_slicer(tmp_path, vo
     np.testing.assert_allclose(node.GetSize(), roi["size_mm"], atol=1e-6)
     np.testing.assert_allclose(plain.GetCenter(), (1, 2, 3), atol=1e-9)
 
-    # Outer pixel edges (half a pixel beyond the first/last pixel centres), mid-thickness of slice k: inside.
-    corners = np.array([[x, y] for x in (x0 - 0.5, x1 + 0.5) for y in (y0 - 0.5, y1 + 0.5)])
+    # Boxes are exclusive at x1/y1: the covered pixels are x0..x1-1 and y0..y1-1, and their outer edges
+    # (half a pixel beyond the first/last pixel centres), mid-thickness of slice k, are inside.
+    corners = np.array([[x, y] for x in (x0 - 0.5, x1 - 0.5) for y in (y0 - 0.5, y1 - 0.5)])
     assert _inside_roi(node, axial_slice.pixel_to_ras(corners * 0.999 + corners.mean(0) * 0.001)).all()
     # Every box pixel centre is inside; the centres of the ring of pixels around the box and of slices k+-1 are not.
     xs, ys = np.meshgrid(np.arange(x0 - 1, x1 + 2), np.arange(y0 - 1, y1 + 2))
     pixels = np.c_[xs.ravel(), ys.ravel()]
-    in_box = (pixels[:, 0] >= x0) & (pixels[:, 0] <= x1) & (pixels[:, 1] >= y0) & (pixels[:, 1] <= y1)
+    in_box = (pixels[:, 0] >= x0) & (pixels[:, 0] < x1) & (pixels[:, 1] >= y0) & (pixels[:, 1] < y1)
     assert np.array_equal(_inside_roi(node, axial_slice.pixel_to_ras(pixels)), in_box)
     neighbour = extract_axial_slice(volume, k + 1)
     assert not _inside_roi(node, neighbour.pixel_to_ras(pixels[in_box])).any()
@@ -172,7 +173,7 @@ def test_roi_from_pixel_box_covers_exactly_the_box_pixels_in_slicer(tmp_path, vo
     if volume_kind == "real_ct":  # axis-aligned grid: Slicer's RAS bounds are the box's outer pixel edges
         bounds = [0.0] * 6
         node.GetRASBounds(bounds)
-        edges = axial_slice.pixel_to_ras([[x0 - 0.5, y0 - 0.5], [x1 + 0.5, y1 + 0.5]])
+        edges = axial_slice.pixel_to_ras([[x0 - 0.5, y0 - 0.5], [x1 - 0.5, y1 - 0.5]])
         np.testing.assert_allclose(np.sort(np.array(bounds[:4]).reshape(2, 2), axis=1),
                                    np.sort(edges[:, :2].T, axis=1), atol=1e-6)
 
@@ -190,5 +191,5 @@ def test_roi_writer_refuses_bad_boxes(tmp_path):
     with pytest.raises(ValueError, match="rotation"):
         write_roi_markups(tmp_path / "a.mrk.json", [dict(name="b", center_ras=(0, 0, 0), size_mm=(1, 1, 1),
                                                          orientation=np.diag([1.0, 1.0, -1.0]))])
-    with pytest.raises(ValueError, match="x1 >= x0"):
-        roi_from_pixel_box(extract_axial_slice(_oblique_volume(), 0), (5, 5, 4, 6))
+    with pytest.raises(ValueError, match="x1 > x0"):
+        roi_from_pixel_box(extract_axial_slice(_oblique_volume(), 0), (5, 5, 5, 6))

@@ -93,25 +93,25 @@ def roi_from_pixel_box(source: Union[AxialSlice, Volume], xyxy: Sequence[float],
                        k: Optional[int] = None) -> Dict[str, np.ndarray]:
     """The ROI covering a pixel box on an axial slice, aligned with the volume's axes, one slice thick.
 
-    ``xyxy`` = (x0, y0, x1, y1): the first and last covered pixel (x = column = I, y = row = J, inclusive, as
-    ``torchvision.ops.masks_to_boxes`` gives them). Half a voxel is added on each side, so the ROI reaches the
-    outer pixel edges. ``source`` is an AxialSlice, or a Volume with the slice index ``k``.
+    ``xyxy`` = (x0, y0, x1, y1) with exclusive maxima, the project-wide convention (``CTReasonerLib.results``):
+    ``mask[y0:y1, x0:x1]`` holds the box (x = column = I, y = row = J). The ROI reaches the outer pixel edges. ``source`` is an AxialSlice, or a Volume with the slice index ``k``.
     Returns ``{"center_ras": (3,), "size_mm": (3,), "orientation": (3, 3) columns = box axes in RAS}``.
     """
     if isinstance(source, Volume) and k is None:
         raise ValueError("roi_from_pixel_box needs the slice index k when given a Volume")
     axial_slice = extract_axial_slice(source, k) if isinstance(source, Volume) else source
     x0, y0, x1, y1 = (float(v) for v in xyxy)
-    if not (x1 >= x0 and y1 >= y0):
-        raise ValueError(f"box {tuple(xyxy)} is not (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0")
+    if not (x1 > x0 and y1 > y0):
+        raise ValueError(f"box {tuple(xyxy)} is not (x0, y0, x1, y1) with x1 > x0 and y1 > y0")
     linear = axial_slice.ijk_to_ras[:3, :3]
     spacing = np.linalg.norm(linear, axis=0)
     orientation = linear / spacing
     if np.linalg.det(orientation) < 0:
         # A box is symmetric, so flipping one axis describes the same region with a proper rotation.
         orientation[:, 2] *= -1.0
-    center = axial_slice.pixel_to_ras([[(x0 + x1) / 2.0, (y0 + y1) / 2.0]])[0]
-    size = np.array([x1 - x0 + 1.0, y1 - y0 + 1.0, 1.0]) * spacing
+    # Pixel centres sit on integer coordinates, so the covered pixels x0..x1-1 span [x0 - 0.5, x1 - 0.5].
+    center = axial_slice.pixel_to_ras([[(x0 + x1 - 1.0) / 2.0, (y0 + y1 - 1.0) / 2.0]])[0]
+    size = np.array([x1 - x0, y1 - y0, 1.0]) * spacing
     return {"center_ras": center, "size_mm": size, "orientation": orientation}
 
 
