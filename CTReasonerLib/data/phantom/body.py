@@ -20,6 +20,7 @@ _BODY_LAYERS = np.array([TISSUE_IDS[n] for n in ("air", "skin", "subcutaneous_fa
 _RIBS = [(0, 1.35, 0.0), (25, 1.75, 0.0), (50, 2.3, 2.75), (75, 2.45, 2.85), (100, 2.5, 2.95),
          (125, 2.55, 3.05), (150, 2.6, 3.1), (175, 2.6, 3.1)]
 LOWEST_RIB_HEAD = 38.0
+_RIB_DROP = 130.0   # mm a rib descends from its head to the front of the flank (over 2.2 rad)
 
 
 def _slice_levels(canvas: TissueCanvas) -> np.ndarray:
@@ -121,7 +122,7 @@ def paint_ribs(canvas: TissueCanvas, habitus: Habitus) -> None:
         return
     inv_b2 = np.where(r.Y > 0, np.float32(1 / b_ant ** 2), np.float32(1 / b_post ** 2))
     rho2 = r.X * r.X * (1 / a ** 2) + r.Y * r.Y * inv_b2
-    ring = (rho2 >= 1.0) & (rho2 <= 1.16)
+    ring = (rho2 >= 1.0) & (rho2 <= 1.11)
     idx = np.nonzero(ring)
     theta = np.arctan2(np.abs(r.X[idx]), -r.Y[idx])
     z = r.Z[idx]
@@ -129,13 +130,13 @@ def paint_ribs(canvas: TissueCanvas, habitus: Habitus) -> None:
     cartilage = np.zeros(theta.shape, dtype=bool)
     for height, bone_end, cartilage_end in _RIBS:
         z_head = LOWEST_RIB_HEAD + height
-        z_rib = z_head - 62.0 * np.clip(theta - 0.35, 0, None) * (1 / 2.2)
-        band = np.abs(z - z_rib) < 5.0
+        z_rib = z_head - _RIB_DROP * np.clip(theta - 0.35, 0, None) * (1 / 2.2)
+        band = np.abs(z - z_rib) < 4.0
         bone |= band & (theta > 0.35) & (theta < bone_end)
         if cartilage_end:
-            z_end = z_head - 62.0 * (bone_end - 0.35) / 2.2
+            z_end = z_head - _RIB_DROP * (bone_end - 0.35) / 2.2
             z_cart = z_end + 45.0 * (theta - bone_end)
-            cartilage |= (np.abs(z - z_cart) < 5.0) & (theta >= bone_end) & (theta < cartilage_end)
+            cartilage |= (np.abs(z - z_cart) < 4.0) & (theta >= bone_end) & (theta < cartilage_end)
     allowed = _WALL_TISSUES[r.tissue[idx]]
     values = r.tissue[idx]
     values[cartilage & allowed] = TISSUE_IDS["costal_cartilage"]
@@ -163,9 +164,11 @@ def paint_bowel_loop(canvas: TissueCanvas, rng: np.random.Generator, points: np.
     r.paint(r.tube(points, radii) <= 1.0, "bowel_wall", allowed=VISCERAL_FAT_ONLY)
     lumen = r.tube(points, np.maximum(radii - 3.0, 1.0)) <= 1.0
     r.paint(lumen, "bowel_content", allowed=_BOWEL_WALL)
-    if rng.random() < gas_probability:
-        level = float(np.mean(points[:, 1]) + rng.uniform(-0.3, 0.9) * np.mean(radii))
-        r.paint(lumen & (r.Y > level), "bowel_gas", allowed=_BOWEL_CONTENT)
+    for n in range(len(points) - 1):      # gas collects anteriorly, segment by segment (supine patient)
+        if rng.random() < gas_probability:
+            level = float(np.mean(points[n:n + 2, 1]) + rng.uniform(-0.4, 0.8) * np.mean(radii[n:n + 2]))
+            segment = r.tube(points[n:n + 2], np.maximum(radii[n:n + 2] - 3.0, 1.0)) <= 1.0
+            r.paint(segment & (r.Y > level), "bowel_gas", allowed=_BOWEL_CONTENT)
     for _ in range(bubbles):
         seg = rng.integers(len(points) - 1)
         t = rng.random()
@@ -181,7 +184,7 @@ def paint_bowel(canvas: TissueCanvas, rng: np.random.Generator) -> None:
     colon = np.array([(95, 15, -230), (96, 14, -60), (90, 25, -8), (60, 62, 4), (20, 76, -12), (-20, 76, -12),
                       (-62, 60, 18), (-92, 28, 48), (-100, 4, 0), (-96, 0, -230)], float)
     colon += rng.normal(0, 5, colon.shape)
-    paint_bowel_loop(canvas, rng, colon, rng.uniform(18, 25, len(colon)), gas_probability=0.85, bubbles=30)
+    paint_bowel_loop(canvas, rng, colon, rng.uniform(18, 25, len(colon)), gas_probability=0.6, bubbles=30)
     boxes = [((-85, 0, -30), (-35, 60, 20), 4), ((-70, -5, -240), (70, 75, -20), 16)]
     for low, high, count in boxes:
         for _ in range(count):

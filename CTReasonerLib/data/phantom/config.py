@@ -7,6 +7,9 @@ from typing import Optional, Tuple
 from ...errors import ConfigError
 from .tissues import CONTRAST_PHASES
 
+# How often each phase is drawn with the default phases: portal-venous is the routine abdominal scan.
+DEFAULT_PHASE_MIX = (0.2, 0.3, 0.5)
+
 
 @dataclass
 class PhantomConfig:
@@ -24,7 +27,7 @@ class PhantomConfig:
     in_plane_spacing_range: Optional[Tuple[float, float]] = None  # mm; overrides field_of_view_range
     slice_spacing_range: Tuple[float, float] = (2.5, 5.0)        # mm between slices
     contrast_phases: Tuple[str, ...] = CONTRAST_PHASES           # phases to choose from
-    phase_probabilities: Optional[Tuple[float, ...]] = (0.2, 0.3, 0.5)  # None = uniform
+    phase_probabilities: Optional[Tuple[float, ...]] = None      # None: DEFAULT_PHASE_MIX, or uniform over a subset
     noise_std_range: Tuple[float, float] = (6.0, 16.0)           # HU of white noise after the blur
     enhancement_gain_range: Tuple[float, float] = (0.8, 1.2)     # scales contrast uptake (cardiac output, dose)
     deformation_mm: float = 6.0                                  # std of the smooth displacement field
@@ -53,6 +56,19 @@ class PhantomConfig:
         if unknown or not self.contrast_phases:
             raise ConfigError(f"unknown contrast phase(s) {unknown or '(none given)'}",
                               f"choose from {', '.join(CONTRAST_PHASES)}")
-        if self.phase_probabilities is not None and len(self.phase_probabilities) != len(self.contrast_phases):
-            raise ConfigError("phase_probabilities needs one value per contrast phase")
+        if self.phase_probabilities is not None and (len(self.phase_probabilities) != len(self.contrast_phases)
+                                                     or min(self.phase_probabilities) < 0
+                                                     or sum(self.phase_probabilities) <= 0):
+            raise ConfigError("phase_probabilities needs one non-negative value per contrast phase, not all zero")
         return self
+
+    def phase_weights(self) -> Tuple[float, ...]:
+        """Probability of each of ``contrast_phases``."""
+        if self.phase_probabilities is not None:
+            weights = [float(p) for p in self.phase_probabilities]
+        elif tuple(self.contrast_phases) == CONTRAST_PHASES:
+            weights = list(DEFAULT_PHASE_MIX)
+        else:
+            weights = [1.0] * len(self.contrast_phases)
+        total = sum(weights)
+        return tuple(w / total for w in weights)

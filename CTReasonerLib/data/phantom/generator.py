@@ -17,6 +17,8 @@ from .viscera import paint_viscera
 
 _TOP_MARGIN = 8.0       # nominal mm kept above the higher diaphragm dome
 _BOTTOM_MARGIN = 15.0   # nominal mm kept below the right kidney's lower pole
+_FINE_SCALE = 0.35      # a second, finer deformation field (this fraction of the correlation length) ...
+_FINE_AMPLITUDE = 0.2   # ... with this fraction of the amplitude roughens organ outlines
 
 
 def generate_phantom(seed: int, config: Optional[PhantomConfig] = None) -> Tuple[Volume, Volume]:
@@ -30,7 +32,7 @@ def generate_phantom(seed: int, config: Optional[PhantomConfig] = None) -> Tuple
     rng = np.random.default_rng(int(seed))
     habitus = sample_habitus(rng, config)
     grid = sample_grid(rng, config, habitus)
-    phase_index = rng.choice(len(config.contrast_phases), p=_probabilities(config))
+    phase_index = rng.choice(len(config.contrast_phases), p=config.phase_weights())
     phase = config.contrast_phases[phase_index]
     enhancement_gain = float(rng.uniform(*config.enhancement_gain_range))
     noise_std = float(rng.uniform(*config.noise_std_range))
@@ -52,13 +54,6 @@ def generate_phantom(seed: int, config: Optional[PhantomConfig] = None) -> Tuple
     name = f"phantom_{int(seed):04d}"
     return (Volume(ct, name=f"{name}_ct", metadata=dict(metadata), **common),
             Volume(labels, name=f"{name}_labels", metadata=dict(metadata), **common))
-
-
-def _probabilities(config: PhantomConfig) -> Optional[np.ndarray]:
-    if config.phase_probabilities is None:
-        return None
-    p = np.asarray(config.phase_probabilities, dtype=np.float64)
-    return p / p.sum()
 
 
 def sample_grid(rng: np.random.Generator, config: PhantomConfig, habitus: Habitus) -> PhantomGrid:
@@ -98,14 +93,18 @@ def sample_grid(rng: np.random.Generator, config: PhantomConfig, habitus: Habitu
 
 def _deformed_canvas(rng: np.random.Generator, grid: PhantomGrid, habitus: Habitus,
                      config: PhantomConfig) -> TissueCanvas:
-    """Nominal coordinates of every voxel after a smooth random displacement (mm, unit-variance field scaled)."""
+    """Nominal coordinates of every voxel after a smooth random displacement (a coarse plus a finer field, mm)."""
     axes = grid.axis_coordinates()
-    correlation = (config.deformation_correlation_mm,) * 3
+    coarse = (config.deformation_correlation_mm,) * 3
+    fine = (config.deformation_correlation_mm * _FINE_SCALE,) * 3
     coordinates = []
     max_displacement = 0.0
     for axis in range(3):
-        field = smooth_random_field(rng, axes, correlation)
+        field = smooth_random_field(rng, axes, coarse)
         field *= np.float32(config.deformation_mm)
+        detail = smooth_random_field(rng, axes, fine)
+        detail *= np.float32(config.deformation_mm * _FINE_AMPLITUDE)
+        field += detail
         max_displacement = max(max_displacement, float(np.abs(field).max()))
         shape = [1, 1, 1]
         shape[2 - axis] = -1
