@@ -274,3 +274,64 @@ def test_deepspeed_initialize_arguments(monkeypatch, tmp_path):
     batch = TwoHeadRegressor.collate([RegressionSamples(2)[i] for i in range(2)])
     assert set(captured["model"](batch)) == {"loss", "loss_seg", "loss_det"}
     assert trainer.engine.engine.module.model is model
+
+
+# ------------------------------------------------------------------------------- the real tiny CTReasoner
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    """One small phantom curated into a train split (built through the CLI, like the tiny recipe does)."""
+    from CTReasonerLib.cli import main as cli_main
+
+    root = tmp_path_factory.mktemp("tiny-data") / "dataset"
+    code = cli_main(["curate", "--phantoms", "1", "--phantom-shape", "96", "96", "12", "--seed", "5",
+                     "--splits", "1", "0", "0", "--workers", "1", "--out", str(root), "--no-progress"])
+    assert code == 0
+    return root
+
+
+def _tiny_config(tmp_path, dataset, name):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\nseed: 3\noutput_dir: {tmp_path / name}\nmodel: {{source: tiny}}\n"
+                    f"data: {{root: {dataset}, batch_size: 1}}\n"
+                    "optim: {grad_accum_steps: 1, warmup_steps: 1}\n"
+                    "run: {epochs: 1, max_steps: 2, log_every: 1, checkpoint_every: 1, keep_last: 3, progress: false}\n")
+    return load_train_config(str(path))
+
+
+def _safetensors(folder: Path):
+    from safetensors.torch import load_file
+
+    return {**{f"p.{k}": v for k, v in load_file(folder / "perception.safetensors").items()},
+            **{f"l.{k}": v for k, v in load_file(folder / "lvlm" / "model.safetensors").items()}}
+
+
+@pytest.mark.slow
+def test_tiny_model_resume_and_merge(tmp_path, tiny_dataset, monkeypatch):
+    """The shipped path on CTReasonerModel: train, resume from a checkpoint into a fresh model, merge, reload."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from CTReasonerLib.commands.merge import merge_checkpoint
+    from CTReasonerLib.commands.train import train_from_config
+    from CTReasonerLib.model.ctreasoner import CTReasonerModel
+
+    straight = train_from_config(_tiny_config(tmp_path, tiny_dataset, "straight"), device="cpu")
+    assert straight.steps == 2 and straight.final_checkpoint.is_dir()
+    losses = read_metrics(tmp_path / "straight" / "metrics.jsonl", "train")
+    assert {"lm", "seg_bce", "seg_dice", "det_l1", "det_giou", "det_objectness"} <= set(losses[0])
+
+    torch.manual_seed(999)
+    resumed = train_from_config(_tiny_config(tmp_path, tiny_dataset, "resumed"), device="cpu",
+                                resume_from=str(tmp_path / "straight" / "checkpoints" / "step-00000001"))
+    assert resumed.steps == 2
+    expected, got = _safetensors(straight.final_checkpoint), _safetensors(resumed.final_checkpoint)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    merged = merge_checkpoint(str(straight.final_checkpoint), str(tmp_path / "merged"))
+    assert not (merged / "trainer_state.pt").exists()
+    reloaded = CTReasonerModel.from_pretrained(str(merged), device="cpu")
+    for key, value in _safetensors(merged).items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+    assert not reloaded.training
+    with pytest.raises(ConfigError, match="not empty"):
+        merge_checkpoint(str(straight.final_checkpoint), str(merged))

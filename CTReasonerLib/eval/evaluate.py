@@ -139,6 +139,52 @@ def evaluate(pipeline, samples: Sequence, settings: Optional[EvalSettings] = Non
     return summarize(outcomes, settings), outcomes
 
 
+def stratified_subset(records: Sequence[Dict[str, Any]], limit: Optional[int]) -> List[int]:
+    """Indices of at most ``limit`` records spread evenly over (organ, task) groups, in dataset order.
+
+    Groups take turns, each contributing its records at evenly spaced positions, so a small limit still
+    covers every organ and task and the choice does not depend on any random state.
+    """
+    if limit is None or limit >= len(records):
+        return list(range(len(records)))
+    groups: Dict[Tuple[str, str], List[int]] = {}
+    for index, record in enumerate(records):
+        groups.setdefault((record["organ"], record["task"]), []).append(index)
+    quota = {key: 0 for key in groups}
+    remaining = limit
+    while remaining:
+        open_groups = [key for key in groups if quota[key] < len(groups[key])]
+        for key in open_groups[:remaining]:
+            quota[key] += 1
+        remaining -= min(remaining, len(open_groups))
+    chosen = []
+    for key, members in groups.items():
+        positions = np.linspace(0, len(members) - 1, quota[key]).round().astype(int) if quota[key] else []
+        chosen += [members[p] for p in np.unique(positions)]
+    return sorted(chosen)
+
+
+def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_dir: Optional[str] = None,
+                   settings: Optional[EvalSettings] = None, limit: Optional[int] = None, device: str = "auto",
+                   progress: bool = True):
+    """Load a model folder, evaluate it on a dataset split, write the report; returns (summary, paths)."""
+    from CTReasonerLib.data.dataset import CuratedDataset
+    from CTReasonerLib.model.ctreasoner import CTReasonerModel
+    from CTReasonerLib.model.inference import CTReasonerPipeline
+
+    from .report import write_report
+
+    dataset = CuratedDataset(dataset_dir, split)
+    indices = stratified_subset(dataset.records, limit)
+    model = CTReasonerModel.from_pretrained(model_dir, device=device).eval()
+    settings = settings or EvalSettings()
+    summary, outcomes = evaluate(CTReasonerPipeline(model), [dataset[i] for i in indices], settings, progress)
+    summary["run"] = {"model": str(model_dir), "dataset": str(dataset_dir), "split": split,
+                      "records_in_split": len(dataset), "records_evaluated": len(indices)}
+    paths = write_report(out_dir, summary, [asdict(o) for o in outcomes]) if out_dir else {}
+    return summary, paths
+
+
 def validation_dice(model, samples: Sequence) -> Dict[str, float]:
     """The trainer's periodic validation: mean final Dice over the seg records, and routing accuracy."""
     from CTReasonerLib.model.inference import CTReasonerPipeline

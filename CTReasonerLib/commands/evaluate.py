@@ -1,0 +1,44 @@
+"""``ctreasoner eval MODEL DATASET``: Dice, HD95, NSD, mAP@0.1, closer-look ablation, routing and absent-target
+accuracy, mask->box vs detection branch; writes DIR/eval_report.md, DIR/eval_results.json, DIR/eval_samples.jsonl."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a model folder (Resources/Models/CTReasoner-Tiny, a merge output or a checkpoint)")
+    parser.add_argument("dataset", metavar="DATASET", help="a curated dataset folder (ctreasoner curate output)")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default test)")
+    parser.add_argument("--out", metavar="DIR", help="report folder (default outputs/eval/<model>-<split>)")
+    parser.add_argument("--no-closer-ablation", action="store_true",
+                        help="skip the round-1 scoring of the Table 4 ablation (final masks still use the closer look)")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="evaluate at most N records, spread evenly over organs and tasks")
+    parser.add_argument("--nsd-tolerance", type=float, default=None, metavar="MM",
+                        help="NSD boundary tolerance in mm (default 2)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ..errors import ConfigError
+    from ..eval.evaluate import EvalSettings, evaluate_model
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+    settings = EvalSettings(closer_ablation=not args.no_closer_ablation)
+    if args.nsd_tolerance is not None:
+        if args.nsd_tolerance <= 0:
+            raise ConfigError(f"--nsd-tolerance must be > 0 mm, got {args.nsd_tolerance}")
+        settings.nsd_tolerance_mm = args.nsd_tolerance
+    out = args.out or str(Path("outputs") / "eval" / f"{Path(args.model).resolve().name}-{args.split}")
+    summary, paths = evaluate_model(args.model, args.dataset, split=args.split, out_dir=out, settings=settings,
+                                    limit=args.limit, device=args.device, progress=not args.no_progress)
+    seg, det = summary["segmentation"]["mean"], summary["detection"]
+    print(f"mean Dice {seg['dice']:.4f}, HD95 {seg['hd95_mm']:.2f} mm, NSD {seg['nsd']:.4f}, mAP@0.1 {det['map']:.4f}, "
+          f"routing {summary['routing']['accuracy']:.4f}, absent {summary['absent']['accuracy']:.4f}")
+    print(f"report: {paths['report']}\nresults: {paths['results']}")
+    return 0
