@@ -242,6 +242,7 @@ def test_sam2_routing_embedding_flows_and_checkpoint_loads(tmp_path):
     index = torch.tensor([1, 0, 1])
     logits, iou = segmenter.decode(features, prompt, index)
     assert logits.shape == (3, 1, 32, 32) and iou.shape == (3, 1)
+    assert segmenter.decode(features, prompt[:0], index[:0])[0].shape == (0, 1, 32, 32)
     logits.sum().backward()
     assert prompt.grad.abs().sum(dim=(1, 2)).min() > 0
     clicked, _ = segmenter.decode(features.detach(), prompt.detach(), index,
@@ -259,3 +260,15 @@ def test_sam2_routing_embedding_flows_and_checkpoint_loads(tmp_path):
         build_sam2_segmenter("hiera_t", checkpoint=tmp_path / "missing.pt", image_size=128)
     with pytest.raises(ConfigError):
         sam2_config("hiera_xxl")
+
+
+def test_decode_without_prompts_stays_connected(tiny, two_images):
+    features = tiny.encode(two_images)
+    routing_state = torch.nn.Parameter(torch.ones(1))
+    prompts = torch.zeros(0, 1, 256) * routing_state
+    tiny.zero_grad(set_to_none=True)
+    logits, iou = tiny.decode(features, prompts, torch.zeros(0, dtype=torch.long))
+    assert logits.shape == (0, 1, 32, 32) and iou.shape == (0, 1)
+    (logits.sum() + iou.sum()).backward()
+    assert routing_state.grad is not None
+    assert all(p.grad is not None for p in tiny.mask_decoder.parameters())

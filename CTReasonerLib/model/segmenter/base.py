@@ -110,6 +110,7 @@ class Segmenter(nn.Module):
         boxes: optional (N, 4) xyxy in model-frame pixels.
         mask_inputs: optional (N, 1, 4h, 4w) low-res logits of an earlier prediction (SAM: 256x256 at 1024).
         Returns (low_res_logits (N, M, 4h, 4w), iou_scores (N, M)); M = 1, or 3 with ``multimask_output``.
+        N = 0 is allowed (empty outputs, still connected to the decoder's parameters).
         """
         raise NotImplementedError
 
@@ -117,6 +118,19 @@ class Segmenter(nn.Module):
     def low_res_mask_size(self) -> int:
         """Side of the logits ``decode`` returns (4x the image-embedding side)."""
         raise NotImplementedError
+
+    def _decode_no_prompts(
+        self, features: ImageFeatures, prompt_embeddings: Optional[torch.Tensor], multimask_output: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``decode`` for N = 0: SAM's decoders cannot reshape an empty batch, so one blank prompt is decoded
+        and none of it returned. The empty result still reaches every decoder parameter (and the empty
+        ``prompt_embeddings``' graph), so a batch without this task gives DDP a zero gradient, not none."""
+        width = 0 if prompt_embeddings is None else prompt_embeddings.shape[1]
+        blank = features.image_embeddings.new_zeros(1, width, self.prompt_dim)
+        prompts = blank if prompt_embeddings is None else torch.cat([prompt_embeddings.to(blank.dtype), blank])
+        index = torch.zeros(1, dtype=torch.long, device=blank.device)
+        low_res_logits, iou_scores = self.decode(features, prompts, index, multimask_output=multimask_output)
+        return low_res_logits[:0], iou_scores[:0]
 
     def forward(self, images: torch.Tensor, prompt_embeddings: torch.Tensor, image_index: torch.Tensor, **prompts):
         return self.decode(self.encode(images), prompt_embeddings, image_index, **prompts)

@@ -153,6 +153,8 @@ class SamSegmenter(Segmenter):
         multimask_output: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         n = _check_decode_inputs(features, prompt_embeddings, image_index, points, boxes, mask_inputs)
+        if n == 0:
+            return self._decode_no_prompts(features, prompt_embeddings, multimask_output)
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
         sparse = sparse.expand(n, -1, -1)
         if prompt_embeddings is not None:

@@ -136,6 +136,8 @@ class Sam2Segmenter(Segmenter):
         multimask_output: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         n = _check_decode_inputs(features, prompt_embeddings, image_index, points, boxes, mask_inputs)
+        if n == 0:
+            return self._decode_no_prompts(features, prompt_embeddings, multimask_output)
         device = features.image_embeddings.device
         if points is None:
             # SAM2 without clicks: one empty point labelled -1 (SAM2Base._forward_sam_heads)
