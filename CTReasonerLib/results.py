@@ -37,11 +37,16 @@ class BoxPrediction:
 
 @dataclass
 class CloserLookInfo:
-    """What a closer look examined: ``roi_xyxy`` in slice pixels and the canonical size it was resized to."""
+    """What a closer look examined: ``roi_xyxy`` in slice pixels and the canonical size it was resized to.
+
+    token_generated: False when round 2 did not generate ``[CLOSER]`` and its state was taken from a
+    teacher-forced ``[CLOSER]`` appended to the answer instead (the mask is then still round 2's).
+    """
     ran: bool
     roi_xyxy: Optional[np.ndarray] = None
     canonical_size: int = 0
     organ: Optional[str] = None
+    token_generated: bool = True
 
 
 @dataclass

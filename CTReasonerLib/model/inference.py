@@ -1,0 +1,355 @@
+"""CTReasonerPipeline: one chat turn on a CT slice -> :class:`CTReasonerLib.results.ChatResult` (paper §3.4).
+
+    slice (HU) --windows, square--> segmenter features (cached per image content) and the LVLM image
+    query + history --LVLM generate (KV cache on)--> text with routing tokens
+    [SEG]    -> mask (full resolution, probabilities)
+    [DET]    -> boxes above the score threshold (several per organ when it is split)
+    closer look (the model's [CLOSER], the user's request, or ``closer_look=True``):
+        ROI from the round-1 mask (or best box) -> crop, resize to the canonical size -> round 2 with the
+        closer-look question on the crop -> [CLOSER] state -> mask on the crop -> pasted back over round 1.
+
+Routing-token states come from generation's own hidden states (see ``model/routing.py``). If round 2
+does not generate ``[CLOSER]`` although a closer look was asked for, the state is taken from a
+teacher-forced forward with ``[CLOSER]`` appended to what it did generate, and the result says so
+(``CloserLookInfo.token_generated`` is False): the mask is still produced, never silently faked.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from CTReasonerLib.errors import CTReasonerError, InputFileError
+from CTReasonerLib.model.closer_look import crop_and_resize, paste_back, roi_from_mask
+from CTReasonerLib.model.detection import postprocess_detections
+from CTReasonerLib.model.image_processing import ResizeToSquare
+from CTReasonerLib.model.lvlm import Conversation, LVLMBatch
+from CTReasonerLib.model.query import is_closer_request, resolve_organ, says_not_visible, split_compound_query
+from CTReasonerLib.model.routing import CLOSER_TOKEN, DET_TOKEN, ROUTING_TOKENS, SEG_TOKEN
+from CTReasonerLib.model.segmenter import EmbeddingCache
+from CTReasonerLib.organs import get_organ
+from CTReasonerLib.results import BoxPrediction, ChatResult, CloserLookInfo, MaskPrediction
+
+#: logit used for the padding of the model square when a full-resolution mask goes back to the model frame
+_OUTSIDE_LOGIT = -20.0
+
+
+@dataclass
+class _Slice:
+    """One prepared image: segmenter/LVLM input (3, S, S), its transform, windowed channels, cache key."""
+    image: torch.Tensor
+    transform: ResizeToSquare
+    channels: torch.Tensor
+    key: str
+
+
+@dataclass
+class _Round:
+    """One generated answer and what its routing tokens produced (full-resolution logits per mask)."""
+    raw_text: str
+    tokens: List[str]
+    organ: Optional[str]
+    mask_logits: List[torch.Tensor] = field(default_factory=list)     # (H, W) each
+    mask_scores: List[float] = field(default_factory=list)
+    boxes: List[BoxPrediction] = field(default_factory=list)
+
+
+class CTReasonerPipeline:
+    """Inference over a :class:`CTReasonerModel` (any scale); thread-compatible, one call at a time."""
+
+    def __init__(self, model, embedding_cache: Optional[EmbeddingCache] = None, max_new_tokens: Optional[int] = None):
+        self.model = model.eval()
+        self.config = model.config
+        self.cache = embedding_cache if embedding_cache is not None else EmbeddingCache()
+        self.max_new_tokens = max_new_tokens or self.config.lvlm.max_new_tokens
+        self._model_tag = f"ctreasoner-{id(model)}"
+        self._transforms: "OrderedDict[str, ResizeToSquare]" = OrderedDict()
+
+    @classmethod
+    def from_pretrained(cls, directory: str, device="auto", dtype=None, **kwargs) -> "CTReasonerPipeline":
+        from CTReasonerLib.model.ctreasoner import CTReasonerModel
+
+        return cls(CTReasonerModel.from_pretrained(directory, device=device, dtype=dtype), **kwargs)
+
+    # ---- images ---------------------------------------------------------------------------------
+    def _prepare(self, image_hu) -> _Slice:
+        hu = np.asarray(image_hu)
+        if hu.ndim != 2 or min(hu.shape) < 2:
+            raise InputFileError(f"expected one 2-D CT slice (H, W), got an array of shape {hu.shape}",
+                                 "send a single axial slice in HU")
+        if not np.isfinite(hu).all():
+            raise InputFileError("the slice holds NaN or infinite values", "send finite HU values")
+        image, transform, channels = self.model.slice_input(hu)
+        key = EmbeddingCache.key_for(hu, self._model_tag)
+        self._transforms[key] = transform
+        while len(self._transforms) > 256:
+            self._transforms.popitem(last=False)
+        return _Slice(image, transform, channels, key)
+
+    def _features(self, key: str, image: torch.Tensor):
+        parameter = self.model.token_type_embedding.weight
+        return self.cache.get_or_compute(
+            key, lambda: self.model.segmenter.encode(image[None].to(parameter.device, parameter.dtype)))
+
+    @torch.no_grad()
+    def encode_image(self, image_hu) -> bool:
+        """Put the slice's encoder output in the cache. Returns True when it was already there."""
+        prepared = self._prepare(image_hu)
+        cached = prepared.key in self.cache
+        self._features(prepared.key, prepared.image)
+        return cached
+
+    # ---- chat -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def chat(self, image_hu, query: str, history: Sequence[Tuple[str, str]] = (), closer_look: Optional[bool] = None,
+             score_threshold: Optional[float] = None, return_probabilities: bool = True) -> ChatResult:
+        """One chat turn. ``closer_look``: True always runs round 2 on a segmented target, False never,
+        None follows the model's [CLOSER] token or a request in ``query`` ("have a closer look")."""
+        if not isinstance(query, str) or not query.strip():
+            raise CTReasonerError("the question is empty", "type what you want to know about the slice")
+        timings: Dict[str, float] = {}
+        with _timed(timings, "total"):
+            with _timed(timings, "prepare"):
+                prepared = self._prepare(image_hu)
+            with _timed(timings, "image_encoder"):
+                features = self._features(prepared.key, prepared.image)
+            sub_queries = split_compound_query(query)
+            results = [self._chat_one(prepared, features, sub.text, list(history), closer_look, score_threshold,
+                                      return_probabilities, timings) for sub in sub_queries]
+        result = results[0] if len(results) == 1 else _merge(results)
+        result.timings_ms = timings
+        return result
+
+    def _chat_one(self, prepared: _Slice, features, query: str, history: List[Tuple[str, str]],
+                  closer_look: Optional[bool], score_threshold: Optional[float], probabilities: bool,
+                  timings: Dict[str, float]) -> ChatResult:
+        round1_query, round1_history, closer_query = query, history, None
+        if closer_look is not False and is_closer_request(query) and history and resolve_organ(query) in (None, resolve_organ(history[-1][0])):
+            # "have a closer look" after an earlier turn: redo that turn's round 1 (its features are cached),
+            # then answer this question as round 2.
+            round1_query, round1_history, closer_query = history[-1][0], history[:-1], query
+        with _timed(timings, "generate"):
+            generation = self._generate(prepared.image, round1_history + [(round1_query, None)])
+        with _timed(timings, "heads"):
+            first = self._heads(generation, prepared, features, round1_query, score_threshold)
+        masks = [self._mask_prediction(first.organ, logits, score, prepared.transform, 1, probabilities)
+                 for logits, score in zip(first.mask_logits, first.mask_scores)]
+        tokens = list(first.tokens)
+        wants_closer = closer_look if closer_look is not None else (CLOSER_TOKEN in first.tokens or closer_query is not None)
+        info = CloserLookInfo(ran=False)
+        text = _strip_routing(first.raw_text)
+        if wants_closer and (first.mask_logits or first.boxes):
+            with _timed(timings, "closer_look"):
+                question = closer_query or self.config.closer_look.query.format(name=_organ_name(first.organ))
+                second, info = self._closer_round(prepared, first, round1_query, question)
+            tokens += second.tokens
+            text = f"{text} {_strip_routing(second.raw_text)}".strip()
+            masks += [self._mask_prediction(first.organ, logits, score, prepared.transform, 2, probabilities)
+                      for logits, score in zip(second.mask_logits, second.mask_scores)]
+            first.raw_text = f"{first.raw_text} {second.raw_text}"
+        absent = not (set(first.tokens) & {SEG_TOKEN, DET_TOKEN}) and says_not_visible(first.raw_text)
+        return ChatResult(text=text, raw_text=first.raw_text, routing_tokens=tokens, target_organ=first.organ,
+                          absent=absent, masks=masks, boxes=first.boxes, closer_look=info)
+
+    def _generate(self, image: torch.Tensor, turns: List[Tuple[str, Optional[str]]]):
+        lvlm = self.model.lvlm
+        return lvlm.generate(lvlm.batch([Conversation(image, turns)]), max_new_tokens=self.max_new_tokens)
+
+    def _heads(self, generation, prepared: _Slice, features, query: str, score_threshold: Optional[float]) -> _Round:
+        """Run the heads the generated routing tokens ask for, on ``features`` (one image)."""
+        lvlm = self.model.lvlm
+        raw_text = lvlm.decode(generation.new_ids)
+        id_to_token = {i: t for t, i in lvlm.routing_token_ids.items()}
+        tokens = [id_to_token[int(i)] for i in generation.new_ids if int(i) in id_to_token]
+        result = _Round(raw_text, tokens, resolve_organ(_strip_routing(raw_text)) or resolve_organ(query))
+        seg_states = lvlm.generated_routing_states(generation, SEG_TOKEN)
+        if len(seg_states):
+            logits, scores = self._decode(features, self.model.routing_prompts(seg_states, SEG_TOKEN))
+            result.mask_logits = list(prepared.transform.mask_to_original(logits))
+            result.mask_scores = scores
+        det_states = lvlm.generated_routing_states(generation, DET_TOKEN)
+        if len(det_states):
+            prompts = self.model.routing_prompts(det_states, DET_TOKEN)
+            outputs = self.model.detection_head(features, prompts, torch.zeros(len(prompts), dtype=torch.long,
+                                                                                device=prompts.device))
+            threshold = self.config.detection.score_threshold if score_threshold is None else score_threshold
+            for found in postprocess_detections(outputs, [prepared.transform] * len(prompts), threshold):
+                result.boxes += [BoxPrediction(result.organ or "", box, float(score))
+                                 for box, score in zip(found["boxes"], found["scores"])]
+        return result
+
+    def _decode(self, features, prompts: torch.Tensor) -> Tuple[torch.Tensor, List[float]]:
+        image_index = torch.zeros(len(prompts), dtype=torch.long, device=prompts.device)
+        logits, iou = self.model.segmenter.decode(features, prompts[:, None], image_index)
+        return logits.float(), [float(v) for v in iou[:, 0]]
+
+    def _closer_round(self, prepared: _Slice, first: _Round, round1_query: str, question: str,
+                      roi: Optional[np.ndarray] = None) -> Tuple[_Round, CloserLookInfo]:
+        """Round 2 on the ROI around the first round-1 mask (or its best box) or an explicit ``roi``."""
+        closer = self.config.closer_look
+        height, width = prepared.transform.original_hw
+        background = first.mask_logits[0] if first.mask_logits else torch.full((height, width), _OUTSIDE_LOGIT)
+        if roi is None:
+            region = (background > 0) if first.mask_logits else _box_mask(first.boxes[0].xyxy, (height, width))
+            roi = roi_from_mask(region.cpu().numpy(), margin=closer.margin, min_size_px=closer.min_roi)
+        if roi is None:  # an empty round-1 mask: nothing to look closer at
+            return _Round("", [], first.organ), CloserLookInfo(ran=False, organ=first.organ)
+        canonical = self.config.canonical_size
+        crop = crop_and_resize(prepared.channels, roi, canonical)
+        crop_features = self._features(f"{prepared.key}:roi{[int(v) for v in roi]}:{canonical}", crop)
+        turns = [(round1_query, first.raw_text), (question, None)]
+        generation = self._generate(crop, turns)
+        lvlm = self.model.lvlm
+        raw_text = lvlm.decode(generation.new_ids)
+        states = lvlm.generated_routing_states(generation, CLOSER_TOKEN)
+        generated = len(states) > 0
+        if not generated:
+            states = self._forced_closer_state(generation)
+        logits, scores = self._decode(crop_features, self.model.routing_prompts(states[:1], CLOSER_TOKEN))
+        pasted = paste_back(logits[0, 0], roi, (height, width), background=background)
+        id_to_token = {i: t for t, i in lvlm.routing_token_ids.items()}
+        tokens = [id_to_token[int(i)] for i in generation.new_ids if int(i) in id_to_token]
+        second = _Round(raw_text, tokens if generated else tokens + [CLOSER_TOKEN], first.organ, [pasted], scores)
+        info = CloserLookInfo(ran=True, roi_xyxy=np.asarray(roi, dtype=np.int64), canonical_size=canonical,
+                              organ=first.organ, token_generated=generated)
+        return second, info
+
+    def _forced_closer_state(self, generation) -> torch.Tensor:
+        """State at a [CLOSER] appended to the round-2 answer (teacher-forced), when generation skipped it."""
+        lvlm = self.model.lvlm
+        prompt = generation.prompt
+        closer_id = torch.tensor([[lvlm.routing_token_ids[CLOSER_TOKEN]]], device=prompt.input_ids.device)
+        ids = torch.cat([prompt.input_ids, generation.new_ids[None].to(prompt.input_ids.device), closer_id], dim=1)
+        labels = torch.full_like(ids, -100)
+        labels[0, -1] = closer_id[0, 0]
+        batch = LVLMBatch(ids, torch.ones_like(ids), labels, prompt.image_inputs)
+        _, hidden = lvlm(batch)
+        return lvlm.routing_states(hidden, batch, CLOSER_TOKEN)[0]
+
+    def _mask_prediction(self, organ: Optional[str], logits: torch.Tensor, score: float, transform: ResizeToSquare,
+                         round_: int, probabilities: bool) -> MaskPrediction:
+        logits = logits.float().cpu()
+        probability = torch.sigmoid(logits)
+        return MaskPrediction(organ=organ or "", mask=(logits > 0).numpy(), score=score,
+                              probability=probability.numpy() if probabilities else None, round=round_,
+                              logits_lowres=self._to_model_frame(logits, transform).numpy())
+
+    def _to_model_frame(self, logits: torch.Tensor, transform: ResizeToSquare) -> torch.Tensor:
+        """(H, W) full-resolution logits -> (1, s, s) low-res logits of the model square (SAM's mask prompt)."""
+        height, width = transform.original_hw
+        side = transform.padded_side
+        padded = F.pad(logits[None, None], (0, side - width, 0, side - height), value=_OUTSIDE_LOGIT)
+        low = self.model.segmenter.low_res_mask_size
+        return F.interpolate(padded, size=(low, low), mode="bilinear", align_corners=False, antialias=True)[0]
+
+    # ---- interactive ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def refine(self, image_hu, points: Optional[np.ndarray] = None, labels: Optional[np.ndarray] = None,
+               box: Optional[np.ndarray] = None, mask_logits: Optional[np.ndarray] = None,
+               prompt_embedding: Optional[np.ndarray] = None, organ: str = "") -> MaskPrediction:
+        """Refine a mask with SAM's prompt encoder on the cached embedding.
+
+        points: (P, 2) slice pixel-centre (x, y); labels: (P,) 1 foreground / 0 background.
+        box: (4,) slice xyxy. mask_logits: (1, s, s) or (s, s) an earlier ``MaskPrediction.logits_lowres``.
+        prompt_embedding: optional (k, 256) routing prompt to keep the text conditioning.
+        """
+        prepared = self._prepare(image_hu)
+        features = self._features(prepared.key, prepared.image)
+        device = self.model.device
+        transform = prepared.transform
+        point_prompt = box_prompt = mask_prompt = None
+        if points is not None and len(points):
+            points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+            labels = np.ones(len(points)) if labels is None else np.asarray(labels).reshape(-1)
+            if len(labels) != len(points):
+                raise CTReasonerError(f"{len(points)} points but {len(labels)} labels", "send one label per point")
+            coords = transform.to_model_coords(torch.from_numpy(points)).to(device)
+            point_prompt = (coords[None], torch.as_tensor(labels, dtype=torch.long, device=device)[None])
+        if box is not None:
+            box_prompt = transform.boxes_to_model(torch.as_tensor(np.asarray(box, np.float32).reshape(1, 4))).to(device)
+        if mask_logits is not None:
+            low = self.model.segmenter.low_res_mask_size
+            mask_prompt = torch.as_tensor(np.asarray(mask_logits, np.float32)).reshape(1, 1, *np.shape(mask_logits)[-2:])
+            mask_prompt = F.interpolate(mask_prompt, size=(low, low), mode="bilinear", align_corners=False).to(device)
+        embedding = None
+        if prompt_embedding is not None:
+            embedding = torch.as_tensor(np.asarray(prompt_embedding, np.float32)).reshape(1, -1, 256).to(device)
+        if point_prompt is None and box_prompt is None and mask_prompt is None and embedding is None:
+            raise CTReasonerError("refine needs at least one prompt", "send clicks, a box or a previous mask")
+        logits, iou = self.model.segmenter.decode(features, embedding, torch.zeros(1, dtype=torch.long, device=device),
+                                                  points=point_prompt, boxes=box_prompt, mask_inputs=mask_prompt)
+        full = transform.mask_to_original(logits.float())[0]
+        return self._mask_prediction(organ, full, float(iou[0, 0]), transform, 1, True)
+
+    @torch.no_grad()
+    def closer_look(self, image_hu, roi_xyxy: Optional[np.ndarray] = None, mask: Optional[np.ndarray] = None,
+                    organ: Optional[str] = None, query: Optional[str] = None) -> ChatResult:
+        """Round 2 on its own: on ``roi_xyxy``, or on the ROI around ``mask`` (an earlier result), for ``organ``."""
+        timings: Dict[str, float] = {}
+        with _timed(timings, "total"):
+            prepared = self._prepare(image_hu)
+            height, width = prepared.transform.original_hw
+            if roi_xyxy is None and (mask is None or not np.asarray(mask).any()):
+                raise CTReasonerError("a closer look needs a region", "segment the organ first or draw an ROI")
+            name = _organ_name(organ)
+            question = query or self.config.closer_look.query.format(name=name)
+            background = torch.full((height, width), _OUTSIDE_LOGIT)
+            if mask is not None:
+                background = torch.where(torch.as_tensor(np.asarray(mask, bool)), 5.0, _OUTSIDE_LOGIT)
+            roi = None
+            if roi_xyxy is not None:
+                roi = np.clip(np.asarray(roi_xyxy, dtype=np.int64).reshape(4), 0, [width, height, width, height])
+                if roi[2] <= roi[0] or roi[3] <= roi[1]:
+                    raise CTReasonerError(f"the ROI {roi.tolist()} is empty inside the slice", "draw the ROI on the slice")
+            first = _Round(f"The {name} {SEG_TOKEN}", [SEG_TOKEN], organ, [background], [1.0])
+            with _timed(timings, "closer_look"):
+                second, info = self._closer_round(prepared, first, f"Segment the {name}.", question, roi)
+            masks = [self._mask_prediction(organ, logits, score, prepared.transform, 2, True)
+                     for logits, score in zip(second.mask_logits, second.mask_scores)]
+        return ChatResult(text=_strip_routing(second.raw_text), raw_text=second.raw_text, routing_tokens=second.tokens,
+                          target_organ=organ, masks=masks, closer_look=info, timings_ms=timings)
+
+
+def _organ_name(organ: Optional[str]) -> str:
+    try:
+        return get_organ(organ).name if organ else "target"
+    except KeyError:
+        return str(organ)
+
+
+def _strip_routing(text: str) -> str:
+    for token in ROUTING_TOKENS:
+        text = text.replace(token, "")
+    return " ".join(text.split())
+
+
+def _box_mask(xyxy, hw: Tuple[int, int]) -> torch.Tensor:
+    mask = torch.zeros(hw, dtype=torch.bool)
+    x0, y0, x1, y1 = (int(round(float(v))) for v in xyxy)
+    mask[max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)] = True
+    return mask
+
+
+def _merge(results: List[ChatResult]) -> ChatResult:
+    """One result for a compound request: texts joined, masks and boxes of every part."""
+    ran = [r.closer_look for r in results if r.closer_look.ran]
+    return ChatResult(
+        text=" ".join(r.text for r in results), raw_text=" ".join(r.raw_text for r in results),
+        routing_tokens=[t for r in results for t in r.routing_tokens], target_organ=results[0].target_organ,
+        absent=all(r.absent for r in results), masks=[m for r in results for m in r.masks],
+        boxes=[b for r in results for b in r.boxes], closer_look=ran[0] if ran else CloserLookInfo(ran=False))
+
+
+@contextmanager
+def _timed(timings: Dict[str, float], stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - start) * 1000.0

@@ -1,0 +1,206 @@
+"""CTReasonerPipeline on random-init tiny models: well-formed results for zero, one and several routing
+tokens, absent targets, the closer look (generated and forced [CLOSER]), compound requests, the embedding
+cache, interactive refinement, and the query helpers. Generation is steered with a logits processor
+where a test needs particular tokens; everything after generation runs for real."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fixtures_lvlm import ForceTokens
+from fixtures_model import disc_sample, tiny_model_config
+from CTReasonerLib.errors import CTReasonerError
+from CTReasonerLib.model.query import find_organs, resolve_organ, says_not_visible, split_compound_query
+from CTReasonerLib.results import ChatResult, MaskPrediction
+
+
+@pytest.fixture(scope="module")
+def model():
+    from CTReasonerLib.model.ctreasoner import CTReasonerModel
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    return CTReasonerModel.build_tiny(tiny_model_config()).eval()
+
+
+@pytest.fixture
+def pipeline(model):
+    from CTReasonerLib.model.inference import CTReasonerPipeline
+
+    return CTReasonerPipeline(model, max_new_tokens=6)
+
+
+@pytest.fixture
+def slice_hu():
+    return disc_sample("seg", size=90).image_hu[:, :70]  # not square: exercises the padding
+
+
+def script(pipeline, monkeypatch, *answers):
+    """Make the next generate() calls produce ``answers`` (text with routing tokens; None = free decoding)."""
+    from transformers import LogitsProcessorList
+
+    lvlm = pipeline.model.lvlm
+    original = lvlm.generate
+    queue = list(answers)
+
+    def generate(prompt, max_new_tokens=64, logits_processor=None):
+        answer = queue.pop(0) if queue else None
+        if answer is None:
+            return original(prompt, max_new_tokens=max_new_tokens)
+        ids = []
+        for piece in answer.replace("]", "]\0").replace("[", "\0[").split("\0"):
+            ids += [lvlm.routing_token_ids[piece]] if piece in lvlm.routing_token_ids else lvlm.encode_text(piece)
+        ids.append(lvlm.end_of_turn_id)
+        forced = LogitsProcessorList([ForceTokens(prompt.input_ids.shape[1], ids)])
+        return original(prompt, max_new_tokens=len(ids), logits_processor=forced)
+
+    monkeypatch.setattr(lvlm, "generate", generate)
+
+
+def bright_round_one(pipeline, monkeypatch):
+    """Round-1 masks become a disc (so a closer look has a region); later decodes run unchanged."""
+    original = pipeline._decode
+    calls = []
+
+    def decode(features, prompts):
+        logits, scores = original(features, prompts)
+        if not calls:
+            side = logits.shape[-1]
+            yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+            disc = ((yy - side * 0.35) ** 2 + (xx - side * 0.45) ** 2) < (side * 0.12) ** 2
+            logits = torch.where(disc, 8.0, -8.0).expand_as(logits).clone()
+        calls.append(1)
+        return logits, scores
+
+    monkeypatch.setattr(pipeline, "_decode", decode)
+
+
+def test_random_model_gives_a_well_formed_text_only_answer(pipeline, slice_hu):
+    result = pipeline.chat(slice_hu, "Segment the liver.")
+    assert isinstance(result, ChatResult) and isinstance(result.text, str)
+    tokens = [t for t in result.routing_tokens if t in ("[SEG]", "[DET]")]
+    assert len(result.masks) == tokens.count("[SEG]") and (tokens or not result.boxes)
+    assert result.target_organ == "liver"  # from the query when the text names no organ
+    assert {"prepare", "image_encoder", "generate", "heads", "total"} <= set(result.timings_ms)
+
+
+def test_seg_token_gives_a_full_resolution_mask(pipeline, slice_hu, monkeypatch):
+    script(pipeline, monkeypatch, "The spleen is here. [SEG]")
+    result = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False)
+    assert result.routing_tokens == ["[SEG]"] and "[SEG]" not in result.text and "[SEG]" in result.raw_text
+    assert result.target_organ == "spleen"  # the generated text wins over the query
+    (mask,) = result.masks
+    assert mask.mask.shape == slice_hu.shape and mask.mask.dtype == bool and mask.round == 1
+    assert mask.probability.shape == slice_hu.shape and 0 <= mask.probability.min() <= mask.probability.max() <= 1
+    assert np.array_equal(mask.mask, mask.probability > 0.5)
+    side = pipeline.model.segmenter.low_res_mask_size
+    assert mask.logits_lowres.shape == (1, side, side) and mask.organ == "spleen" and not result.absent
+
+
+def test_several_tokens_are_all_handled(pipeline, slice_hu, monkeypatch):
+    script(pipeline, monkeypatch, "The liver [SEG] and again [SEG] then boxes [DET]")
+    result = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False, score_threshold=0.0)
+    assert result.routing_tokens == ["[SEG]", "[SEG]", "[DET]"] and len(result.masks) == 2
+    queries = pipeline.config.detection.num_queries
+    assert 0 < len(result.boxes) <= queries
+    height, width = slice_hu.shape
+    for box in result.boxes:
+        x0, y0, x1, y1 = box.xyxy
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height and 0 <= box.score <= 1
+    scores = [b.score for b in result.boxes]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_absent_target_gets_no_mask(pipeline, slice_hu, monkeypatch):
+    script(pipeline, monkeypatch, "The gallbladder is not visible on this slice.")
+    result = pipeline.chat(slice_hu, "Segment the gallbladder.", closer_look=True)
+    assert result.absent and not result.masks and not result.boxes and not result.closer_look.ran
+    assert result.target_organ == "gallbladder"
+
+
+@pytest.mark.parametrize("round_two", ["Zooming in. [CLOSER]", "Zooming in."], ids=["generated", "forced"])
+def test_closer_look_crops_the_round_one_mask_and_pastes_back(pipeline, slice_hu, monkeypatch, round_two):
+    script(pipeline, monkeypatch, "The liver is here. [SEG]", round_two)
+    bright_round_one(pipeline, monkeypatch)
+    result = pipeline.chat(slice_hu, "Segment the liver.", closer_look=True)
+    info = result.closer_look
+    assert info.ran and info.token_generated == ("[CLOSER]" in round_two)
+    assert info.canonical_size == pipeline.config.canonical_size and info.organ == "liver"
+    assert result.routing_tokens == ["[SEG]", "[CLOSER]"]
+    assert [m.round for m in result.masks] == [1, 2]
+    first, second = result.masks
+    x0, y0, x1, y1 = info.roi_xyxy
+    assert 0 <= x0 < x1 <= slice_hu.shape[1] and 0 <= y0 < y1 <= slice_hu.shape[0]
+    ys, xs = np.nonzero(first.mask)  # the ROI holds the whole round-1 mask
+    assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
+    outside = np.ones_like(first.mask)
+    outside[y0:y1, x0:x1] = False
+    assert np.array_equal(second.mask[outside], first.mask[outside])  # pasted only inside the ROI
+    assert "Zooming in." in result.text
+
+
+def test_closer_look_follows_the_users_request_in_a_follow_up_turn(pipeline, slice_hu, monkeypatch):
+    script(pipeline, monkeypatch, "The liver [SEG]", "Zooming in. [CLOSER]")
+    bright_round_one(pipeline, monkeypatch)
+    history = [("Segment the liver.", "The liver is large.")]
+    result = pipeline.chat(slice_hu, "Can you have a closer look?", history)
+    assert result.closer_look.ran and result.target_organ == "liver"
+
+
+def test_explicit_roi_closer_look(pipeline, slice_hu, monkeypatch):
+    script(pipeline, monkeypatch, "Zooming in on the liver. [CLOSER]")
+    result = pipeline.closer_look(slice_hu, roi_xyxy=np.array([10, 5, 50, 45]), organ="liver")
+    assert result.closer_look.ran and result.closer_look.roi_xyxy.tolist() == [10, 5, 50, 45]
+    assert len(result.masks) == 1 and result.masks[0].round == 2 and result.masks[0].mask.shape == slice_hu.shape
+    with pytest.raises(CTReasonerError, match="needs a region"):
+        pipeline.closer_look(slice_hu)
+
+
+def test_compound_request_runs_one_turn_per_organ(pipeline, slice_hu, monkeypatch):
+    script(pipeline, monkeypatch, "The liver [SEG]", "The right kidney [DET]", "The left kidney [DET]")
+    result = pipeline.chat(slice_hu, "segment the liver and detect the kidneys", closer_look=False,
+                           score_threshold=0.0)
+    assert result.routing_tokens == ["[SEG]", "[DET]", "[DET]"]
+    assert [m.organ for m in result.masks] == ["liver"]
+    assert {b.organ for b in result.boxes} == {"right_kidney", "left_kidney"}
+
+
+def test_image_embedding_is_cached_per_slice(pipeline, slice_hu):
+    assert pipeline.encode_image(slice_hu) is False
+    assert pipeline.encode_image(slice_hu) is True
+    hits = pipeline.cache.hits
+    pipeline.chat(slice_hu, "Detect the liver.", closer_look=False)
+    assert pipeline.cache.hits == hits + 1
+    assert pipeline.encode_image(slice_hu + 1) is False
+
+
+def test_refine_with_clicks_box_and_previous_mask(pipeline, slice_hu):
+    first = pipeline.refine(slice_hu, points=np.array([[30.0, 20.0]]), labels=np.array([1]), organ="liver")
+    assert isinstance(first, MaskPrediction) and first.mask.shape == slice_hu.shape and first.organ == "liver"
+    second = pipeline.refine(slice_hu, points=np.array([[30.0, 20.0], [5.0, 5.0]]), labels=np.array([1, 0]),
+                             box=np.array([10, 5, 50, 40]), mask_logits=first.logits_lowres)
+    assert second.mask.shape == slice_hu.shape and np.isfinite(second.score)
+    with pytest.raises(CTReasonerError):
+        pipeline.refine(slice_hu)
+
+
+def test_bad_inputs_are_clear_errors(pipeline):
+    with pytest.raises(CTReasonerError, match="2-D"):
+        pipeline.chat(np.zeros((2, 8, 8)), "Segment the liver.")
+    with pytest.raises(CTReasonerError, match="empty"):
+        pipeline.chat(np.zeros((8, 8)), "  ")
+
+
+def test_query_helpers():
+    assert find_organs("segment the kidneys") == ["right_kidney", "left_kidney"]
+    assert resolve_organ("The right kidney borders the liver.") == "right_kidney"
+    assert resolve_organ("Segment the organ with this role: stores and concentrates bile.") == "gallbladder"
+    assert [s.text for s in split_compound_query("segment the liver and detect the adrenal glands")] == [
+        "Segment the liver.", "Detect the right adrenal gland.", "Detect the left adrenal gland."]
+    assert [s.task for s in split_compound_query("segment the liver, the spleen then box the stomach")] == [
+        "seg", "seg", "det"]
+    single = "Where is the portal and splenic veins?"
+    assert split_compound_query(single)[0].text == single and len(split_compound_query(single)) == 1
+    assert says_not_visible("I cannot find the left adrenal gland on this slice.")
+    assert not says_not_visible("The liver is visible and large.")
