@@ -56,6 +56,21 @@ def paint_body_wall(canvas: TissueCanvas, habitus: Habitus) -> None:
     canvas.tissue[...] = _BODY_LAYERS[depth]
 
 
+def paint_table(canvas: TissueCanvas, habitus: Habitus, rng: np.random.Generator) -> None:
+    """The scanner couch under the patient's back: a gently curved foam core between two thin shells."""
+    posterior_skin = -(habitus.cavity[2] + habitus.wall[2] + habitus.fat[2] + habitus.skin)
+    top = posterior_skin - float(rng.uniform(0.0, 6.0))
+    r = canvas.region((-250, top - 40, -1e5), (250, top, 1e5))
+    if r is None:
+        return
+    surface = top + 0.0012 * r.X * r.X
+    depth = surface - r.Y
+    air = tissue_mask_lookup("air")
+    inside = (depth >= 0) & (depth <= 14.0) & (np.abs(r.X) < 230.0)
+    r.paint(inside, "table_shell", allowed=air)
+    r.paint(inside & (depth >= 2.0) & (depth <= 12.0), "table_foam", allowed=tissue_mask_lookup("table_shell"))
+
+
 def diaphragm_level(X, Y, habitus: Habitus) -> np.ndarray:
     """Nominal S of the diaphragm above (X, Y): two domes falling to deep posterior and lateral recesses."""
     dome = np.where(X > 0, np.float32(habitus.dome_right), np.float32(habitus.dome_left))

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ...io.volume import Volume
-from .body import paint_body_wall, paint_bowel, paint_chest, paint_psoas, paint_ribs, paint_spine
+from .body import paint_body_wall, paint_bowel, paint_chest, paint_psoas, paint_ribs, paint_spine, paint_table
 from .canvas import TissueCanvas
 from .config import PhantomConfig
 from .geometry import DIRECTIONS_RAS, PhantomGrid, smooth_random_field
@@ -39,6 +39,7 @@ def generate_phantom(seed: int, config: Optional[PhantomConfig] = None) -> Tuple
 
     canvas = _deformed_canvas(rng, grid, habitus, config)
     paint_body_wall(canvas, habitus)
+    paint_table(canvas, habitus, rng)
     paint_chest(canvas, habitus)
     paint_bowel(canvas, rng)
     paint_viscera(canvas, habitus, rng, config.organ_size_jitter)

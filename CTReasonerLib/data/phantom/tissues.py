@@ -76,7 +76,8 @@ _TABLE = [
     (48, "intervertebral_disc", 0, (85, 85, 85), (8, 8, 8)),
     (49, "psoas", 0, (50, 56, 62), (6, 6, 6)),
     (50, "mediastinal_fat", 0, (-95, -95, -95), (10, 10, 10)),
-    (51, "table", 0, (-300, -300, -300), (30, 30, 30)),
+    (51, "table_foam", 0, (-880, -880, -880), (20, 20, 20)),
+    (52, "table_shell", 0, (250, 250, 250), (30, 30, 30)),
 ]
 
 TISSUES: Dict[str, Tissue] = {row[1]: Tissue(*row) for row in _TABLE}
