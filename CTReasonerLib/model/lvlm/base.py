@@ -53,9 +53,11 @@ class LVLMBatch:
     labels: torch.Tensor
     image_inputs: Dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def to(self, device: torch.device) -> "LVLMBatch":
-        return LVLMBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                         {k: v.to(device) for k, v in self.image_inputs.items()})
+    def to(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> "LVLMBatch":
+        """On ``device``; floating vision tensors also cast to ``dtype`` (the model's, e.g. bf16 on CUDA)."""
+        images = {k: v.to(device, dtype) if (dtype is not None and v.is_floating_point()) else v.to(device)
+                  for k, v in self.image_inputs.items()}
+        return LVLMBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), images)
 
     @property
     def answer_ids(self) -> torch.Tensor:
@@ -124,6 +126,10 @@ class LVLMAdapter(nn.Module):
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
     def encode_text(self, text: str) -> List[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -146,7 +152,7 @@ class LVLMAdapter(nn.Module):
 
     def forward(self, batch: LVLMBatch) -> Tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced forward. Returns (logits (B, T, V), last-layer hidden states (B, T, D))."""
-        batch = batch.to(self.device)
+        batch = batch.to(self.device, self.dtype)
         outputs = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              **batch.image_inputs, **self.sequence_inputs(batch.input_ids),
                              output_hidden_states=True, use_cache=False)
@@ -166,7 +172,7 @@ class LVLMAdapter(nn.Module):
         """
         if prompt.input_ids.shape[0] != 1:
             raise ValueError(f"generate() takes one prompt at a time, got {prompt.input_ids.shape[0]}")
-        prompt = prompt.to(self.device)
+        prompt = prompt.to(self.device, self.dtype)
         output = self.model.generate(
             input_ids=prompt.input_ids, attention_mask=prompt.attention_mask,
             **prompt.image_inputs, **self.sequence_inputs(prompt.input_ids),
