@@ -43,7 +43,7 @@ ORGANS: List[Organ] = [
     Organ(6, "liver", "liver", "Liv", (221, 130, 101), ("10200004", "Liver"),
           synonyms=("liver", "hepatic parenchyma"),
           function="produces bile and detoxifies the blood"),
-    Organ(7, "stomach", "stomach", "Sto", (216, 132, 105), ("69695003", "Stomach"),
+    Organ(7, "stomach", "stomach", "Sto", (240, 170, 200), ("69695003", "Stomach"),
           synonyms=("stomach", "gastric"),
           function="holds and digests food with acid"),
     Organ(8, "aorta", "aorta", "Aor", (224, 97, 76), ("15825003", "Aorta"),
