@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 DONE_MARKER = ".ctreasoner-done.json"
 FAILURE_LOG = "failures.log"
 ERROR_FILE = "error.txt"
-SUMMARY_FIELDS = ("name", "status", "slices", "segments", "boxes", "seconds", "source", "folder", "error")
+SUMMARY_FIELDS = ("name", "status", "slices", "segments", "boxes", "seconds", "rank", "source", "folder", "error")
 _PATH_COLUMNS = ("path", "volume", "image", "input", "file")
 # Ranks wait for the slowest one at the final gather; a batch may take days.
 _GATHER_TIMEOUT = timedelta(days=7)
@@ -55,6 +55,7 @@ class ItemRecord:
     segments: str = ""             # organs with a non-empty segment, ";"-separated
     boxes: int = 0
     seconds: float = 0.0
+    rank: int = 0                  # the torchrun rank that handled it
     error: str = ""
 
 
@@ -166,8 +167,7 @@ def finished_record(item: BatchItem, out_dir: Path, request: BatchRequest) -> Op
     paths = output_paths(marker.parent, item.name)
     if done.get("request") != request.fingerprint() or not all(p.is_file() for p in paths.files()):
         return None
-    record = ItemRecord(**{**done["record"], "status": "skipped"})
-    return record
+    return ItemRecord(**{**done["record"], "status": "skipped"})
 
 
 def _write_marker(folder: Path, request: BatchRequest, record: ItemRecord) -> None:
@@ -198,13 +198,14 @@ def run_items(items: Sequence[BatchItem], load_pipeline: Callable[[], object], r
         if record is None:
             if pipeline is None:
                 pipeline = load_pipeline()
-            record = _run_item(item, pipeline, request, out_dir, rank)
+            record = _run_item(item, pipeline, request, out_dir)
+        record.rank = rank
         records.append(record)
     bar.close()
     return records
 
 
-def _run_item(item: BatchItem, pipeline, request: BatchRequest, out_dir: Path, rank: int) -> ItemRecord:
+def _run_item(item: BatchItem, pipeline, request: BatchRequest, out_dir: Path) -> ItemRecord:
     folder = out_dir / item.name
     (folder / DONE_MARKER).unlink(missing_ok=True)
     started = time.perf_counter()
@@ -213,7 +214,7 @@ def _run_item(item: BatchItem, pipeline, request: BatchRequest, out_dir: Path, r
                             model_id=request.model_id, window=request.window)
     except Exception as exc:  # noqa: BLE001 - one bad volume must not stop the batch; it is logged and summarised
         message = exc.message if isinstance(exc, CTReasonerError) else f"{type(exc).__name__}: {exc}"
-        _log_failure(item, folder, out_dir, rank, message, exc)
+        _log_failure(item, folder, out_dir, message, exc)
         return ItemRecord(name=item.name, source=item.source, status="failed", folder=str(folder),
                           seconds=round(time.perf_counter() - started, 3), error=message)
     (folder / ERROR_FILE).unlink(missing_ok=True)
@@ -225,11 +226,12 @@ def _run_item(item: BatchItem, pipeline, request: BatchRequest, out_dir: Path, r
     return record
 
 
-def _log_failure(item: BatchItem, folder: Path, out_dir: Path, rank: int, message: str, exc: BaseException) -> None:
+def _log_failure(item: BatchItem, folder: Path, out_dir: Path, message: str, exc: BaseException) -> None:
     log.error("%s (%s) failed: %s", item.name, item.source, message)
     folder.mkdir(parents=True, exist_ok=True)
     details = message if isinstance(exc, CTReasonerError) else "".join(traceback.format_exception(exc))
     (folder / ERROR_FILE).write_text(f"{item.source}\n{details}\n")
+    rank = os.environ.get("RANK", "0")
     line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\trank {rank}\t{item.name}\t{item.source}\t{message}\n"
     with open(out_dir / FAILURE_LOG, "a", encoding="utf-8") as stream:   # O_APPEND: whole lines from each rank
         stream.write(line.replace("\r", " "))
