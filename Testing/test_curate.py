@@ -276,7 +276,7 @@ def test_multi_instance_organ_gets_one_box_per_part_and_the_count_in_the_answer(
 
 # ---------------------------------------------------------------- dataset, determinism, splits
 
-def _sources(n, shape=(24, 64, 64)):
+def _sources(n, shape=(14, 48, 48)):
     return [VolumeSource(f"s{i:02d}", *make_synthetic_pair(shape=shape, spacing=(2.0, 2.0, 5.0), seed=i))
             for i in range(n)]
 
@@ -291,7 +291,7 @@ def _read_folder(root: Path):
 
 
 def test_same_seed_gives_identical_dataset_and_another_seed_differs(tmp_path):
-    sources = _sources(3)
+    sources = _sources(2)
     curate_dataset(sources, tmp_path / "a", CurationConfig(seed=5), workers=2, progress=False)
     curate_dataset(sources, tmp_path / "b", CurationConfig(seed=5), workers=1, progress=False)
     curate_dataset(sources, tmp_path / "c", CurationConfig(seed=6), workers=1, progress=False)
@@ -493,3 +493,20 @@ def test_cli_curate_errors_are_clear(tmp_path, capsys):
     assert cli_main(["curate", "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"),
                      "--mapping", "nope", "--out", str(tmp_path / "ds")]) == 2
     assert "label mapping 'nope'" in capsys.readouterr().err
+
+
+def test_cli_curate_two_tiny_phantoms(tmp_path, capsys):
+    from CTReasonerLib.data.dataset import CuratedDataset
+
+    out = tmp_path / "ds"
+    code = cli_main(["curate", "--phantoms", "2", "--phantom-shape", "96", "96", "24", "--seed", "0",
+                     "--out", str(out), "--workers", "2", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    info = json.loads((out / "dataset.json").read_text())
+    assert sorted(info["subjects"]) == ["phantom0000", "phantom0001"] and info["source"].startswith("phantoms")
+    samples = [s for split in ("train", "test") for s in CuratedDataset(out, split)]
+    assert {s.task for s in samples} == {"seg", "det", "absent"}
+    # the phantom puts the liver on the patient's right and the spleen on the left (RAS through ijk_to_ras)
+    sides = {(s.organ, s.description["position"]["side"]) for s in samples if s.present and s.organ in ("liver", "spleen")}
+    assert ("liver", "right") in sides and ("spleen", "left") in sides
+    assert ("liver", "left") not in sides and ("spleen", "right") not in sides

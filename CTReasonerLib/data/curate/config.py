@@ -18,10 +18,10 @@ PROTECTED_ORGANS: Tuple[str, ...] = SMALL_ORGANS + ("duodenum",)
 class CurationConfig:
     # --- slice selection (selection.py) ---
     redundancy_iou: float = 0.75            # label IoU with the last retained slice at or above which a slice may be dropped
-    redundancy_area_change: float = 0.10    # ... and relative foreground area change below which it is "negligible"
+    redundancy_area_change: float = 0.15    # ... and relative foreground area change below which it is "negligible"
     protected_organs: Tuple[str, ...] = PROTECTED_ORGANS
-    protected_iou: float = 0.85             # a protected organ below this IoU with the last retained slice keeps the slice
-    protected_area_change: float = 0.20     # ... or with an area change at or above this
+    protected_iou: float = 0.60             # a protected organ below this IoU with the last retained slice keeps the slice
+    protected_area_change: float = 0.30     # ... or with an area change at or above this
     max_gap_slices: int = 4                 # never skip more than this many foreground slices in a row
     min_foreground_px: int = 20             # fewer labelled pixels than this counts as background-only
 

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from ...organs import get_organ
+from ...organs import ORGAN_BY_KEY
 from .config import CurationConfig
 from .measure import OrganGeometry
 from .schema import DESCRIPTION_SCHEMA_VERSION
 
 
 def organ_laterality(organ_key: str) -> str:
-    modifier = get_organ(organ_key).snomed_modifier
+    modifier = ORGAN_BY_KEY[organ_key].snomed_modifier
     return modifier[1].lower() if modifier else "none"
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from ...organs import get_organ
+from ...organs import ORGAN_BY_KEY, ORGAN_BY_LABEL
 from .config import CurationConfig
 from .prompts import OrganPrompts
 
@@ -103,7 +103,7 @@ def build_slice_context(image_hu: np.ndarray, labels: np.ndarray, slice_index: i
         body = np.ones_like(body)
     rows, cols = np.nonzero(body)
     body_ras = pixel_to_ras(ijk_to_ras, cols, rows, slice_index)
-    liver = labels == get_organ("liver").label
+    liver = labels == ORGAN_BY_KEY["liver"].label
     return SliceContext(
         image_hu=image, labels=labels, slice_index=int(slice_index), ijk_to_ras=np.asarray(ijk_to_ras, float),
         spacing_rc=spacing_rc, gradient_hu_per_mm=np.hypot(grad_rows, grad_cols).astype(np.float32),
@@ -123,10 +123,14 @@ def _shape_measures(component: np.ndarray, spacing_rc) -> Tuple[float, float, fl
     minor, major = np.sort(np.linalg.eigvalsh(cov))
     aspect = float(np.sqrt(major / minor))
     eccentricity = float(np.sqrt(max(0.0, 1.0 - minor / major)))
-    border = component & ~ndimage.binary_erosion(component)
-    b_rows, b_cols = np.nonzero(border)
+    # The hull only needs each row's outermost pixels; their four corners bound every pixel of the row.
+    first = np.argmax(component, axis=1)
+    last = component.shape[1] - 1 - np.argmax(component[:, ::-1], axis=1)
+    occupied = component.any(axis=1)
+    e_rows = np.concatenate([np.flatnonzero(occupied)] * 2)
+    e_cols = np.concatenate([first[occupied], last[occupied]])
     half_r, half_c = spacing_rc[0] / 2, spacing_rc[1] / 2
-    corners = np.concatenate([np.stack([b_cols * spacing_rc[1] + dc, b_rows * spacing_rc[0] + dr], axis=1)
+    corners = np.concatenate([np.stack([e_cols * spacing_rc[1] + dc, e_rows * spacing_rc[0] + dr], axis=1)
                               for dr in (-half_r, half_r) for dc in (-half_c, half_c)])
     try:
         hull_area = ConvexHull(corners).volume
@@ -179,18 +183,27 @@ def _neighbour_distances(mask: np.ndarray, labels: np.ndarray, own_label: int, s
             continue
         nearest = float(distance[crop_labels == value].min())
         if nearest <= reach_mm:
-            result[get_organ(int(value)).key] = round(nearest, 2)
+            result[ORGAN_BY_LABEL[int(value)].key] = round(nearest, 2)
     return result
 
 
+def _bounding_window(mask: np.ndarray, margin: int) -> Tuple[slice, slice]:
+    rows, cols = np.nonzero(np.any(mask, axis=1))[0], np.nonzero(np.any(mask, axis=0))[0]
+    return (slice(max(0, rows[0] - margin), min(mask.shape[0], rows[-1] + margin + 1)),
+            slice(max(0, cols[0] - margin), min(mask.shape[1], cols[-1] + margin + 1)))
+
+
 def measure_organ(context: SliceContext, organ_key: str, prompts: OrganPrompts, config: CurationConfig) -> OrganGeometry:
-    organ = get_organ(organ_key)
-    mask = context.labels == organ.label
+    organ = ORGAN_BY_KEY[organ_key]
+    full_mask = context.labels == organ.label
+    # Work on the organ's bounding window (one pixel of margin keeps erosion identical to the full slice).
+    window = _bounding_window(full_mask, margin=1)
+    mask, image = full_mask[window], context.image_hu[window]
     rows, cols = np.nonzero(mask)
     row_mm, col_mm = context.spacing_rc
     area_cm2 = len(rows) * row_mm * col_mm / 100.0
 
-    ras = pixel_to_ras(context.ijk_to_ras, cols, rows, context.slice_index)
+    ras = pixel_to_ras(context.ijk_to_ras, cols + window[1].start, rows + window[0].start, context.slice_index)
     centroid = ras.mean(axis=0)
     pixel_span = np.abs(context.ijk_to_ras[:3, :2]).sum(axis=1)  # RAS extent of one pixel
     transverse, anteroposterior = np.ptp(ras[:, :2], axis=0) + pixel_span[:2]
@@ -203,17 +216,16 @@ def measure_organ(context: SliceContext, organ_key: str, prompts: OrganPrompts, 
     largest = components == (np.argmax(np.bincount(components.ravel())[1:]) + 1)
     aspect, eccentricity, solidity, minor_axis, centroid_inside = _shape_measures(largest, context.spacing_rc)
 
-    interior = ndimage.binary_erosion(mask)
-    if np.count_nonzero(interior) < 4:
-        interior = mask
-    values = context.image_hu[interior]
+    eroded = ndimage.binary_erosion(mask)
+    interior = eroded if np.count_nonzero(eroded) >= 4 else mask
+    values = image[interior]
     mean_hu, std_hu = float(values.mean()), float(values.std())
     if organ.key != "liver" and context.liver_mean_hu is not None:
         reference, reference_hu = "liver", context.liver_mean_hu
     else:
         reference, reference_hu = "soft tissue", config.soft_tissue_reference_hu
-    border = mask & ~ndimage.binary_erosion(mask)
-    gradient = float(context.gradient_hu_per_mm[border].mean())
+    border = mask & ~eroded
+    gradient = float(context.gradient_hu_per_mm[window][border].mean())
     boundary = ("well defined" if gradient >= config.boundary_well_defined else
                 "moderately defined" if gradient >= config.boundary_moderately_defined else "poorly defined")
     texture = ("homogeneous" if std_hu < config.texture_homogeneous_std else
@@ -231,8 +243,8 @@ def measure_organ(context: SliceContext, organ_key: str, prompts: OrganPrompts, 
         mean_hu=round(mean_hu, 1), std_hu=round(std_hu, 1), reference=reference,
         reference_hu=round(float(reference_hu), 1),
         density=density_category(mean_hu, reference_hu, config.density_margin_hu),
-        gas_fraction=round(float(np.mean(context.image_hu[mask] < GAS_THRESHOLD_HU)), 3),
+        gas_fraction=round(float(np.mean(image[mask] < GAS_THRESHOLD_HU)), 3),
         boundary_gradient=round(gradient, 2), boundary=boundary, texture=texture,
-        neighbour_distances_mm=_neighbour_distances(mask, context.labels, organ.label, context.spacing_rc,
+        neighbour_distances_mm=_neighbour_distances(full_mask, context.labels, organ.label, context.spacing_rc,
                                                     3.0 * config.adjacency_mm),
     )

@@ -28,7 +28,7 @@ import numpy as np
 
 from ...errors import ConfigError, InputFileError
 from ...io.volume import Volume
-from ...organs import ORGANS, get_organ
+from ...organs import ORGAN_BY_KEY, ORGANS
 from ..dataset import DATASET_FORMAT, SPLITS, SUPPORTED_VERSIONS
 from .config import CurationConfig
 from .describe import describe_organ
@@ -119,7 +119,7 @@ def curate_volume(subject: str, ct: Volume, labels: np.ndarray, config: Curation
             prompts = organ_prompts(label_slices[pos] == organ.label, config.min_component_area_px)
             description, state, reasons = describe_slice_organ(image[pos], context, organ.key, prompts, config, writer)
             present.append(PresentOrgan(organ.key, prompts, description, state, reasons))
-        absent = [key for key in annotated if areas[get_organ(key).label] == 0]
+        absent = [key for key in annotated if areas[ORGAN_BY_KEY[key].label] == 0]
         records += slice_records(subject, k, pos, present, absent, config, subject_rng(config.seed, subject, k))
     info = {
         "n_slices": len(selection.retained), "n_volume_slices": int(labels.shape[0]),

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ...organs import get_organ
+from ...organs import ORGAN_BY_KEY
 from .config import SMALL_ORGANS, CurationConfig
 from .prompts import OrganPrompts
 
@@ -90,7 +90,7 @@ def _join(names: Sequence[str]) -> str:
 
 def render_reasoning(description: Dict[str, Any], rng: np.random.Generator) -> str:
     """1-3 sentences on shape, size, position, density and neighbours; starts by naming the organ."""
-    name = get_organ(description["organ"]).name
+    name = ORGAN_BY_KEY[description["organ"]].name
     shape, size, position = description["shape"], description["size"], description["position"]
     intensity, boundary, texture = description["intensity"], description["boundary"], description["texture"]
     count = description["instance_count"]
@@ -110,14 +110,14 @@ def render_reasoning(description: Dict[str, Any], rng: np.random.Generator) -> s
     reference = "the liver" if intensity.get("reference") == "liver" else "soft tissue"
     density = (f"It is {intensity['density']} relative to {reference} (mean {intensity['mean_hu']:.0f} HU)"
                f"{' and contains gas' if intensity.get('contains_gas') else ''}, with a {boundary['clarity']} border.")
-    neighbours = [get_organ(k).name for k in description["adjacent_organs"]]
+    neighbours = [ORGAN_BY_KEY[k].name for k in description["adjacent_organs"]]
     context = (rng.choice([f"It borders the {_join(neighbours)}.", f"Neighbouring organs: the {_join(neighbours)}."])
                if neighbours else "It does not touch other labelled organs on this slice.")
     return " ".join([first, density, context])
 
 
 def _organ_mention(organ_key: str, config: CurationConfig, rng: np.random.Generator) -> str:
-    organ = get_organ(organ_key)
+    organ = ORGAN_BY_KEY[organ_key]
     # Adjectival synonyms ("gastric", "right renal") do not read as a target on their own.
     nouns = [s for s in organ.synonyms if s.lower() != organ.name and not s.endswith(("ic", "al"))]
     if nouns and rng.random() < config.synonym_fraction:
@@ -128,7 +128,7 @@ def _organ_mention(organ_key: str, config: CurationConfig, rng: np.random.Genera
 def _query(organ_key: str, task: str, implicit: bool, config: CurationConfig, rng: np.random.Generator) -> str:
     if implicit:
         templates = IMPLICIT_SEG_QUERIES if task == "seg" else IMPLICIT_DET_QUERIES
-        return str(rng.choice(templates)).format(function=get_organ(organ_key).function)
+        return str(rng.choice(templates)).format(function=ORGAN_BY_KEY[organ_key].function)
     templates = SEG_QUERIES if task == "seg" else DET_QUERIES
     return str(rng.choice(templates)).format(name=_organ_mention(organ_key, config, rng))
 
@@ -136,13 +136,13 @@ def _query(organ_key: str, task: str, implicit: bool, config: CurationConfig, rn
 def _base_record(subject: str, slice_index: int, slice_pos: int, organ_key: str, task: str) -> Dict[str, Any]:
     return {"id": f"{subject}_k{slice_index:04d}_{organ_key}_{task}", "subject": subject,
             "slice_index": int(slice_index), "slice_pos": int(slice_pos), "organ": organ_key,
-            "label": get_organ(organ_key).label, "task": task}
+            "label": ORGAN_BY_KEY[organ_key].label, "task": task}
 
 
 def present_records(subject: str, slice_index: int, slice_pos: int, organ: PresentOrgan,
                     config: CurationConfig, rng: np.random.Generator) -> List[Dict[str, Any]]:
     """A segmentation and a detection record for an organ on the slice."""
-    name = get_organ(organ.key).name
+    name = ORGAN_BY_KEY[organ.key].name
     records = []
     for task, token in (("seg", SEG_TOKEN), ("det", DET_TOKEN)):
         implicit = bool(rng.random() < config.implicit_fraction)
@@ -172,7 +172,7 @@ def absent_record(subject: str, slice_index: int, slice_pos: int, organ_key: str
     """A question about an organ that is not on the slice; the answer says so and routes nowhere."""
     query_task = "seg" if rng.random() < 0.5 else "det"
     implicit = bool(rng.random() < config.implicit_fraction)
-    answer = str(rng.choice(ABSENT_ANSWERS)).format(name=get_organ(organ_key).name,
+    answer = str(rng.choice(ABSENT_ANSWERS)).format(name=ORGAN_BY_KEY[organ_key].name,
                                                      verb="segment" if query_task == "seg" else "locate")
     record = _base_record(subject, slice_index, slice_pos, organ_key, "absent")
     record.update({

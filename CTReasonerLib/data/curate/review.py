@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
-from ...organs import get_organ
+from ...organs import ORGAN_BY_KEY
 from ..dataset import REVIEW_STATES
 from .config import CurationConfig
 from .describe import organ_laterality
@@ -44,7 +44,7 @@ def _size_reasons(desc: Dict[str, Any], geometry: OrganGeometry) -> List[str]:
     plausible = {size_category(geometry.organ, geometry.area_cm2 * f) for f in (0.8, 1.0, 1.25)}
     if size["category"] not in plausible:
         reasons.append(f"size says {size['category']} but the area is {geometry.area_cm2:.2f} cm² "
-                       f"({geometry.size_category} for a {get_organ(geometry.organ).name})")
+                       f"({geometry.size_category} for a {ORGAN_BY_KEY[geometry.organ].name})")
     stated = float(size["area_cm2"])
     if abs(stated - geometry.area_cm2) > 0.25 * geometry.area_cm2 + 0.2:
         reasons.append(f"area says {stated:.2f} cm² but the mask measures {geometry.area_cm2:.2f} cm²")
@@ -76,8 +76,8 @@ def _adjacency_reasons(desc: Dict[str, Any], geometry: OrganGeometry, config: Cu
             continue
         distance = geometry.neighbour_distances_mm.get(key)
         if distance is None or distance > tolerance:
-            reasons.append(f"adjacency lists {get_organ(key).name}, which is not within {tolerance:.0f} mm "
-                           f"of the {get_organ(geometry.organ).name} on this slice")
+            reasons.append(f"adjacency lists {ORGAN_BY_KEY[key].name}, which is not within {tolerance:.0f} mm "
+                           f"of the {ORGAN_BY_KEY[geometry.organ].name} on this slice")
     return reasons
 
 
@@ -94,7 +94,7 @@ def _laterality_reasons(geometry: OrganGeometry) -> List[str]:
     """A paired organ seen on the opposite side means a flipped label map or a wrong ijk_to_ras."""
     expected = organ_laterality(geometry.organ)
     if expected != "none" and geometry.side not in (expected, "midline"):
-        return [f"the {get_organ(geometry.organ).name} lies on the patient's {geometry.side}: "
+        return [f"the {ORGAN_BY_KEY[geometry.organ].name} lies on the patient's {geometry.side}: "
                 f"labels or orientation may be flipped"]
     return []
 
@@ -110,7 +110,7 @@ def review_description(description: Any, geometry: OrganGeometry,
     if description["organ"] != geometry.organ:
         reasons.append(f"describes {description['organ']} but the mask is {geometry.organ}")
     if description["laterality"] != organ_laterality(geometry.organ):
-        reasons.append(f"laterality says {description['laterality']} for the {get_organ(geometry.organ).name}")
+        reasons.append(f"laterality says {description['laterality']} for the {ORGAN_BY_KEY[geometry.organ].name}")
     if description["instance_count"] != geometry.instance_count:
         reasons.append(f"instance count says {description['instance_count']} but the mask has "
                        f"{geometry.instance_count} component(s)")

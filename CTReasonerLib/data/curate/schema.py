@@ -4,6 +4,7 @@ The same description schema validates the offline writer, the optional LLM write
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Dict, List
 
 from ...organs import ORGANS
@@ -84,19 +85,26 @@ RECORD_SCHEMA: Dict[str, Any] = {
 }
 
 
-def _errors(schema: Dict[str, Any], instance: Any) -> List[str]:
+@lru_cache(maxsize=None)
+def _validator(name: str):
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(schema)
+    schema = {"description": DESCRIPTION_SCHEMA, "record": RECORD_SCHEMA}[name]
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _errors(name: str, instance: Any) -> List[str]:
+    validator = _validator(name)
     return [f"{'/'.join(str(p) for p in error.absolute_path) or '<root>'}: {error.message}"
             for error in sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))]
 
 
 def description_errors(description: Any) -> List[str]:
     """Schema violations of an appearance description (empty when valid)."""
-    return _errors(DESCRIPTION_SCHEMA, description)
+    return _errors("description", description)
 
 
 def record_errors(record: Any) -> List[str]:
     """Schema violations of a dataset record (empty when valid)."""
-    return _errors(RECORD_SCHEMA, record)
+    return _errors("record", record)
