@@ -176,3 +176,31 @@ def test_missing_bundled_model_names_the_training_command(tmp_path, monkeypatch,
     assert "CTReasoner-Tiny is missing" in err and "ctreasoner train configs/tiny_cpu.yaml" in err
     err = _error(capsys, ["demo", "--out", str(tmp_path / "demo")])
     assert "CTReasoner-Tiny is missing" in err and not (tmp_path / "demo" / "transcript.json").exists()
+
+
+def test_demo_writes_slicer_outputs_for_the_generated_sample(tmp_path, tiny_model_dir, capsys):
+    from CTReasonerLib.io.readers import read_volume
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--model", str(tiny_model_dir), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "Dice against the phantom's labels" in printed and str(out) in printed
+    sample = read_volume(out / "ctreasoner_sample.nrrd")
+    transcript = json.loads((out / "transcript.json").read_text())
+    assert [t["closer_look"] for t in transcript["turns"]] == [None, True]
+    slices = [s["k"] for s in transcript["slices"]]
+    assert len(slices) == 3 and all(0 <= k < sample.array.shape[0] for k in slices)
+    for name in ("ctreasoner_sample.seg.nrrd", "ctreasoner_sample_boxes.mrk.json", "ctreasoner_sample_overlay.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_demo_slices_show_the_demo_organs():
+    from CTReasonerLib.commands.demo import DEMO_ORGANS, informative_slices
+    from CTReasonerLib.data.phantom import PhantomConfig, generate_phantom
+
+    _, labels = generate_phantom(7, PhantomConfig(shape=(64, 64, 24)))
+    chosen = informative_slices(labels.array, 3)
+    assert len(chosen) == 3 and np.all(np.diff(chosen) > 1)
+    wanted = [get_organ(key).label for key in DEMO_ORGANS]
+    best = max(np.isin(wanted, np.unique(labels.array[k])).sum() for k in range(labels.array.shape[0]))
+    assert max(np.isin(wanted, np.unique(labels.array[k])).sum() for k in chosen) == best

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ TRANSCRIPT_NAME = "transcript.json"
 _VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".dcm", ".ima")
 _OVERLAY_MIN_SIDE = 512        # small slices are enlarged so that outlines and the legend stay readable
 _MASK_ALPHA = 0.4
+_LEGEND_CHARS = 46
 
 
 @dataclass
@@ -206,7 +208,7 @@ def _legend_lines(chat: VolumeChat, k: int, masks: Mapping[str, MaskPrediction],
     pixel_area_cm2 = float(chat.volume.spacing[0] * chat.volume.spacing[1]) / 100.0
     lines: List[Tuple[Optional[Tuple[int, int, int]], str]] = [
         (None, f"{chat.volume.name}  slice k={k} of {chat.volume.array.shape[0]}")]
-    lines += [(None, f"Q: {turn.query}") for turn in chat.turns]
+    lines += [(None, text) for turn in chat.turns for text in textwrap.wrap(f"Q: {turn.query}", _LEGEND_CHARS)]
     for key, prediction in masks.items():
         organ = get_organ(key)
         area = np.count_nonzero(prediction.mask) * pixel_area_cm2
@@ -234,7 +236,7 @@ def _with_legend(image, lines):
         if color is not None:
             draw.rectangle((x, y + 1, x + swatch, y + 1 + swatch), fill=tuple(color))
             x += swatch + 6
-        draw.text((x, y), text[:44], fill=(235, 235, 235), font=font)
+        draw.text((x, y), text[:_LEGEND_CHARS], fill=(235, 235, 235), font=font)
     return canvas
 
 
@@ -282,7 +284,7 @@ def human_summary(run: VolumeRun) -> str:
             found += [f"{_display_name(b.organ)} box {float(b.score):.2f}" for b in result.boxes]
             status = "absent" if result.absent else (", ".join(found) or "nothing found")
             lines.append(f"  k={slice_chat.k:<4d} {turn.query!r}: {status}")
-            if result.text:
+            if result.text.strip():
                 lines.append(f"         {result.text.strip()[:160]}")
     organs = sorted(get_organ(key).name for key, mask in chat.organ_masks().items() if mask.any())
     lines.append(f"segments: {', '.join(organs) or 'none'};  boxes: {len(chat.boxes())}")
