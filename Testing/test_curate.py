@@ -39,17 +39,16 @@ def _disc(shape, center, radius):
 # ---------------------------------------------------------------- slice selection
 
 def _growing_liver_volume():
-    """Slices 0-2 background; liver 3..20 with radius 20 -> 24 -> 20 (peak at 11); 21-23 background."""
+    """Slices 0-2 background; liver 3..20 with radius 20 -> 24 -> 20.5 (peak at 11); 21-23 background."""
     labels = np.zeros((24, 80, 80), dtype=np.uint8)
-    radii = {k: 20 + min(k - 3, 11 - (k - 11) - 3 + 3, 4) for k in range(3, 21)}
     for k in range(3, 21):
         radius = 20 + (k - 3) * 0.5 if k <= 11 else 24 - (k - 11) * 0.5
         labels[k][_disc(labels.shape[1:], (40, 40), radius)] = LIVER
-    return labels, radii
+    return labels
 
 
 def test_redundancy_filter_keeps_onset_peak_offset_and_drops_redundant_neighbours():
-    labels, _ = _growing_liver_volume()
+    labels = _growing_liver_volume()
     config = CurationConfig(max_gap_slices=100)
     selection = select_slices(labels, config)
     assert {3, 11, 20} <= set(selection.retained)                    # onset, peak, offset
@@ -67,7 +66,7 @@ def test_redundancy_filter_keeps_onset_peak_offset_and_drops_redundant_neighbour
 
 
 def test_redundancy_filter_max_gap_bounds_skips():
-    labels, _ = _growing_liver_volume()
+    labels = _growing_liver_volume()
     selection = select_slices(labels, CurationConfig(max_gap_slices=2))
     gaps = np.diff(selection.retained)
     assert gaps.max() <= 3
@@ -510,3 +509,16 @@ def test_cli_curate_two_tiny_phantoms(tmp_path, capsys):
     sides = {(s.organ, s.description["position"]["side"]) for s in samples if s.present and s.organ in ("liver", "spleen")}
     assert ("liver", "right") in sides and ("spleen", "left") in sides
     assert ("liver", "left") not in sides and ("spleen", "right") not in sides
+
+
+def test_volume_not_stored_axially_is_reoriented_and_keeps_patient_sides():
+    ct, labels = make_synthetic_pair(shape=(20, 64, 64), seed=2)
+    # the same voxels stored with the head-foot axis as I (array axes reversed, geometry to match)
+    sagittal = ct.with_array(ct.array)
+    sagittal.array = np.ascontiguousarray(np.transpose(ct.array, (2, 1, 0)))
+    sagittal.spacing, sagittal.directions = ct.spacing[[2, 1, 0]], ct.directions[:, [2, 1, 0]]
+    axial = curate_volume("a", ct, labels, CurationConfig())
+    resliced = curate_volume("a", sagittal, np.ascontiguousarray(np.transpose(labels, (2, 1, 0))), CurationConfig())
+    summary = lambda result: sorted((r["slice_index"], r["organ"], r["description"]["position"]["side"])  # noqa: E731
+                                    for r in result.records if r["task"] == "seg")
+    assert summary(axial) == summary(resliced)

@@ -104,3 +104,16 @@ def test_missing_slice_file_is_reported(dataset_root, tmp_path):
     (copy / "slices" / f"{sample.subject}.npz").unlink()
     with pytest.raises(InputFileError, match="missing from the dataset"):
         CuratedDataset(copy, "train")[0].image_hu
+
+
+def test_pickled_samples_leave_the_pixel_cache_behind(dataset_root):
+    import pickle
+
+    root, _ = dataset_root
+    dataset = CuratedDataset(root, "train")
+    sample = dataset[0]
+    image = sample.image_hu.copy()
+    payload = pickle.dumps(sample)
+    assert len(payload) < image.nbytes        # the subject's arrays are not in it
+    restored = pickle.loads(payload)
+    np.testing.assert_array_equal(restored.image_hu, image)

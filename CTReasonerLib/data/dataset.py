@@ -35,6 +35,10 @@ class SubjectSlices:
         self.max_subjects = max_subjects
         self._cache: "OrderedDict[str, Dict[str, np.ndarray]]" = OrderedDict()
 
+    def __getstate__(self):
+        # Samples and datasets travel to DataLoader workers; the cache stays behind (each process fills its own).
+        return {"root": self.root, "max_subjects": self.max_subjects, "_cache": OrderedDict()}
+
     def arrays(self, subject: str) -> Dict[str, np.ndarray]:
         if subject in self._cache:
             self._cache.move_to_end(subject)

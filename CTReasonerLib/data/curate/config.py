@@ -1,7 +1,7 @@
 """Every threshold of the curation pipeline in one dataclass, stored in ``dataset.json`` for provenance."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Tuple
 
 from ...errors import ConfigError

@@ -78,6 +78,15 @@ def _check_inputs(subject: str, ct: Volume, labels: np.ndarray) -> None:
                              "remap source labels with a label-name mapping (--mapping)")
 
 
+def _axial_k(ct: Volume, labels: np.ndarray) -> Tuple[Volume, np.ndarray]:
+    """Both arrays with K as the axial axis (a permutation of voxel axes, no resampling)."""
+    from ...io.slices import axial_axis, reorient_axial
+
+    if axial_axis(ct) == 2:
+        return ct, labels
+    return reorient_axial(ct), reorient_axial(ct.with_array(labels)).array
+
+
 def describe_slice_organ(image_hu: np.ndarray, context, organ_key: str, prompts, config: CurationConfig,
                          writer=None) -> Tuple[Dict[str, Any], str, List[str]]:
     """(description, review state, reasons) for one organ on one slice."""
@@ -103,6 +112,7 @@ def curate_volume(subject: str, ct: Volume, labels: np.ndarray, config: Curation
     ct: Volume with array (K, J, I) HU and K axial; labels: (K, J, I) organs.py values.
     """
     _check_inputs(subject, ct, labels)
+    ct, labels = _axial_k(ct, labels)
     annotated = list(annotated_organs) if annotated_organs is not None else [o.key for o in ORGANS]
     selection = select_slices(labels, config)
     image = to_hu_int16(ct.array[selection.retained]) if selection.retained else np.zeros((0,) + ct.array.shape[1:], np.int16)
