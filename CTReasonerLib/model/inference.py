@@ -15,6 +15,8 @@ teacher-forced forward with ``[CLOSER]`` appended to what it did generate, and t
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -60,6 +62,14 @@ class _Round:
     boxes: List[BoxPrediction] = field(default_factory=list)
 
 
+def _inference(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with torch.no_grad():
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class CTReasonerPipeline:
     """Inference over a :class:`CTReasonerModel` (any scale); thread-compatible, one call at a time."""
 
@@ -70,6 +80,15 @@ class CTReasonerPipeline:
         self.max_new_tokens = max_new_tokens or self.config.lvlm.max_new_tokens
         self._model_tag = f"ctreasoner-{id(model)}"
         self._transforms: "OrderedDict[str, ResizeToSquare]" = OrderedDict()
+
+    def _perception_precision(self):
+        """Autocast for the perception heads when the model runs in bf16/fp16: segment-anything's positional
+        encodings multiply fp32 coordinates by their (cast) buffers, which fails in a plain bf16 model.
+        (The LVLM runs without it: autocast slows token-by-token decoding.)"""
+        dtype = self.model.token_type_embedding.weight.dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast(self.model.device.type, dtype=dtype)
+        return contextlib.nullcontext()
 
     @classmethod
     def from_pretrained(cls, directory: str, device="auto", dtype=None, **kwargs) -> "CTReasonerPipeline":
@@ -94,10 +113,13 @@ class CTReasonerPipeline:
 
     def _features(self, key: str, image: torch.Tensor):
         parameter = self.model.token_type_embedding.weight
-        return self.cache.get_or_compute(
-            key, lambda: self.model.segmenter.encode(image[None].to(parameter.device, parameter.dtype)))
 
-    @torch.no_grad()
+        def encode():
+            with self._perception_precision():
+                return self.model.segmenter.encode(image[None].to(parameter.device, parameter.dtype))
+        return self.cache.get_or_compute(key, encode)
+
+    @_inference
     def encode_image(self, image_hu) -> bool:
         """Put the slice's encoder output in the cache. Returns True when it was already there."""
         prepared = self._prepare(image_hu)
@@ -106,7 +128,7 @@ class CTReasonerPipeline:
         return cached
 
     # ---- chat -----------------------------------------------------------------------------------
-    @torch.no_grad()
+    @_inference
     def chat(self, image_hu, query: str, history: Sequence[Tuple[str, str]] = (), closer_look: Optional[bool] = None,
              score_threshold: Optional[float] = None, return_probabilities: bool = True) -> ChatResult:
         """One chat turn. ``closer_look``: True always runs round 2 on a segmented target, False never,
@@ -176,8 +198,9 @@ class CTReasonerPipeline:
         det_states = lvlm.generated_routing_states(generation, DET_TOKEN)
         if len(det_states):
             prompts = self.model.routing_prompts(det_states, DET_TOKEN)
-            outputs = self.model.detection_head(features, prompts, torch.zeros(len(prompts), dtype=torch.long,
-                                                                                device=prompts.device))
+            with self._perception_precision():
+                outputs = self.model.detection_head(features, prompts, torch.zeros(len(prompts), dtype=torch.long,
+                                                                                    device=prompts.device))
             threshold = self.config.detection.score_threshold if score_threshold is None else score_threshold
             for found in postprocess_detections(outputs, [prepared.transform] * len(prompts), threshold):
                 result.boxes += [BoxPrediction(result.organ or "", box, float(score))
@@ -186,7 +209,8 @@ class CTReasonerPipeline:
 
     def _decode(self, features, prompts: torch.Tensor) -> Tuple[torch.Tensor, List[float]]:
         image_index = torch.zeros(len(prompts), dtype=torch.long, device=prompts.device)
-        logits, iou = self.model.segmenter.decode(features, prompts[:, None], image_index)
+        with self._perception_precision():
+            logits, iou = self.model.segmenter.decode(features, prompts[:, None], image_index)
         return logits.float(), [float(v) for v in iou[:, 0]]
 
     def _closer_round(self, prepared: _Slice, first: _Round, round1_query: str, question: str,
@@ -196,7 +220,9 @@ class CTReasonerPipeline:
         height, width = prepared.transform.original_hw
         background = first.mask_logits[0] if first.mask_logits else torch.full((height, width), _OUTSIDE_LOGIT)
         if roi is None:
-            region = (background > 0) if first.mask_logits else _box_mask(first.boxes[0].xyxy, (height, width))
+            region = background > 0
+            if not bool(region.any()) and first.boxes:  # no (or an empty) mask: the best box guides round 2
+                region = _box_mask(first.boxes[0].xyxy, (height, width))
             roi = roi_from_mask(region.cpu().numpy(), margin=closer.margin, min_size_px=closer.min_roi)
         if roi is None:  # an empty round-1 mask: nothing to look closer at
             return _Round("", [], first.organ), CloserLookInfo(ran=False, organ=first.organ)
@@ -249,7 +275,7 @@ class CTReasonerPipeline:
         return F.interpolate(padded, size=(low, low), mode="bilinear", align_corners=False, antialias=True)[0]
 
     # ---- interactive ----------------------------------------------------------------------------
-    @torch.no_grad()
+    @_inference
     def refine(self, image_hu, points: Optional[np.ndarray] = None, labels: Optional[np.ndarray] = None,
                box: Optional[np.ndarray] = None, mask_logits: Optional[np.ndarray] = None,
                prompt_embedding: Optional[np.ndarray] = None, organ: str = "") -> MaskPrediction:
@@ -282,12 +308,13 @@ class CTReasonerPipeline:
             embedding = torch.as_tensor(np.asarray(prompt_embedding, np.float32)).reshape(1, -1, 256).to(device)
         if point_prompt is None and box_prompt is None and mask_prompt is None and embedding is None:
             raise CTReasonerError("refine needs at least one prompt", "send clicks, a box or a previous mask")
-        logits, iou = self.model.segmenter.decode(features, embedding, torch.zeros(1, dtype=torch.long, device=device),
-                                                  points=point_prompt, boxes=box_prompt, mask_inputs=mask_prompt)
+        with self._perception_precision():
+            logits, iou = self.model.segmenter.decode(features, embedding, torch.zeros(1, dtype=torch.long, device=device),
+                                                      points=point_prompt, boxes=box_prompt, mask_inputs=mask_prompt)
         full = transform.mask_to_original(logits.float())[0]
         return self._mask_prediction(organ, full, float(iou[0, 0]), transform, 1, True)
 
-    @torch.no_grad()
+    @_inference
     def closer_look(self, image_hu, roi_xyxy: Optional[np.ndarray] = None, mask: Optional[np.ndarray] = None,
                     organ: Optional[str] = None, query: Optional[str] = None) -> ChatResult:
         """Round 2 on its own: on ``roi_xyxy``, or on the ROI around ``mask`` (an earlier result), for ``organ``."""
