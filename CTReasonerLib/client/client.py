@@ -36,8 +36,8 @@ from ..results import BoxPrediction, ChatResult, CloserLookInfo, MaskPrediction
 from .encoding import PayloadError, decode_mask, decode_probability, encode_array, encode_mask
 from .geometry import SliceGeometry
 from .spec import (JOB_METHODS, PROGRESS_NOTIFICATION, PROTOCOL_VERSION, ErrorCode, versions_compatible)
-from .transports import (HttpTransport, StdioTransport, Transport, TransportError, local_server_command,
-                         ssh_server_command)
+from .transports import (HttpTransport, RequestTooLargeError, StdioTransport, Transport, TransportError,
+                         local_server_command, ssh_server_command)
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,8 @@ class CTReasonerClient:
         self._generation = 0
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._reconnect_lock = threading.Lock()
+        self._reconnect_lock = threading.RLock()
+        self._model_was_ready = False
         self._pending: Dict[int, _PendingRequest] = {}
         self._jobs: Dict[str, _PendingRequest] = {}
         # What was uploaded, so it can be re-sent when the server lost it (restart, idle timeout, eviction).
@@ -279,6 +280,7 @@ class CTReasonerClient:
                 {"hint": "install the same CTReasoner version on both sides"})
         if isinstance(self._transport, HttpTransport):
             self._transport.session_id = info.get("session_id")
+        self._transport.max_request_bytes = (info.get("capabilities") or {}).get("max_request_bytes")
         self.server_info = info
 
     def wait_for_model(self, timeout: Optional[float] = None) -> Dict[str, Any]:
@@ -289,6 +291,9 @@ class CTReasonerClient:
             status = self.ping()
             state = status.get("model_state")
             if state == "ready":
+                # initialize may have answered while loading; keep the full model description
+                self.server_info.update(model=status.get("model", {}), model_state=state)
+                self._model_was_ready = True
                 return status
             if state == "failed":
                 raise ServerError(ErrorCode.MODEL_NOT_LOADED, f"the server could not load its model: "
@@ -320,6 +325,9 @@ class CTReasonerClient:
                 self._set_state("reconnecting", f"attempt {attempt + 1}")
                 try:
                     self._open()
+                    if self._model_was_ready:
+                        # resume where the caller was: a restarted backend first reloads its model
+                        self.wait_for_model()
                     return
                 except ServerConnectionError:
                     if attempt + 1 == self.RECONNECT_ATTEMPTS or time.monotonic() + delay > deadline:
@@ -414,6 +422,9 @@ class CTReasonerClient:
                                        "raise the client timeout or check the backend log")
         except TransportError as exc:
             raise ServerConnectionError(f"lost the connection to the backend: {exc}") from None
+        except RequestTooLargeError as exc:
+            raise ServerError(ErrorCode.PAYLOAD_TOO_LARGE, f"'{method}' not sent: {exc}",
+                              {"hint": "send one slice or an ROI crop, or raise the server's --max-request-mb"}) from None
         finally:
             with self._lock:
                 self._pending.pop(request_id, None)

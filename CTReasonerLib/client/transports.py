@@ -30,8 +30,27 @@ class TransportError(ConnectionError):
     """The message could not be delivered (the server is gone or unreachable)."""
 
 
+class RequestTooLargeError(ValueError):
+    """A request larger than the server accepts (checked before sending it)."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"the request is {size / 2**20:.1f} MiB, the server accepts at most {limit / 2**20:.1f} MiB")
+        self.size, self.limit = size, limit
+
+
 class Transport:
-    """Base class: ``start`` once, ``send`` messages, ``close`` when done."""
+    """Base class: ``start`` once, ``send`` messages, ``close`` when done.
+
+    max_request_bytes: the server's limit (from ``initialize``); larger requests are refused before sending.
+    """
+
+    max_request_bytes: Optional[int] = None
+
+    def _serialize(self, message: dict, newline: bool) -> bytes:
+        data = json.dumps(message, separators=(",", ":")).encode("utf-8") + (b"\n" if newline else b"")
+        if self.max_request_bytes and len(data) > self.max_request_bytes:
+            raise RequestTooLargeError(len(data), self.max_request_bytes)
+        return data
 
     def start(self, on_message: MessageHandler, on_lost: LostHandler) -> None:
         raise NotImplementedError
@@ -123,7 +142,7 @@ class StdioTransport(Transport):
     def send(self, message: dict) -> None:
         if not self.alive:
             raise TransportError("the backend process is not running")
-        data = json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n"
+        data = self._serialize(message, newline=True)
         try:
             with self._write_lock:
                 self._process.stdin.write(data)
@@ -227,7 +246,7 @@ class HttpTransport(Transport):
     def send(self, message: dict) -> None:
         if self._closed:
             raise TransportError("the HTTP transport is closed")
-        body = json.dumps(message, separators=(",", ":")).encode("utf-8")
+        body = self._serialize(message, newline=False)
         headers = {"Content-Type": "application/json", "Accept": NDJSON_CONTENT_TYPE}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -267,6 +286,9 @@ class HttpTransport(Transport):
                 continue
             if isinstance(message, dict):
                 received_any = True
+                if "error" in message and message.get("id") is None and request_id is not None:
+                    # refused before the body was read (401, 413): one response per POST, so it is ours
+                    message["id"] = request_id
                 self._on_message(message)
         if not received_any and request_id is not None:
             self._on_message({"jsonrpc": "2.0", "id": request_id, "error": {

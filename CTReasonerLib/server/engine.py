@@ -95,22 +95,22 @@ class Engine:
                 raise ModelError(f"model folder {self.model_spec} does not exist",
                                  "pass --model DIR (a trained CTReasoner folder) or --model tiny-random")
             with self._stage("import torch and model code"):
-                import torch
                 from ..model.device import select_device, select_dtype
+                from ..model.ctreasoner import CTReasonerModel
                 from ..model.inference import CTReasonerPipeline
-                from ..model.modeling import CTReasonerModel
-                from ..model.segmenter.base import EmbeddingCache
+                from ..model.segmenter import EmbeddingCache
             with self._stage("select device"):
                 device = select_device(self.device_preference)
                 dtype = select_dtype(device, self.dtype_preference)
-            with self._stage("build/load weights"):
-                if self.model_spec == TINY_RANDOM:
-                    torch.manual_seed(self.seed)
-                    model = CTReasonerModel.build_tiny()
-                else:
-                    model = CTReasonerModel.from_pretrained(self.model_spec)
-            with self._stage(f"move to {device} ({str(dtype).replace('torch.', '')})"):
-                model = model.to(device=device, dtype=dtype).eval()
+            if self.model_spec == TINY_RANDOM:
+                with self._stage("build random tiny model"):
+                    model = CTReasonerModel.build_tiny(seed=self.seed)
+                with self._stage(f"move to {device} ({str(dtype).replace('torch.', '')})"):
+                    model = model.to(device=device, dtype=dtype)
+            else:
+                with self._stage(f"load weights to {device} ({str(dtype).replace('torch.', '')})"):
+                    model = CTReasonerModel.from_pretrained(self.model_spec, device=device, dtype=dtype)
+            model.eval()
             with self._stage("build pipeline"):
                 self.cache = EmbeddingCache(self.cache_bytes)
                 self.pipeline = CTReasonerPipeline(model, embedding_cache=self.cache)
@@ -177,12 +177,13 @@ class Engine:
             return "cached" if self.pipeline.encode_image(pixels) else "computed"
 
     def chat(self, pixels: np.ndarray, message: str, history: Sequence[Tuple[str, str]],
-             closer_look: Optional[bool] = None, score_threshold: Optional[float] = None, job=None) -> ChatResult:
+             closer_look: Optional[bool] = None, score_threshold: Optional[float] = None,
+             return_probabilities: bool = False, job=None) -> ChatResult:
         if job is not None:
             job.check_cancelled()
         with self._model_call("chat"):
             return self.pipeline.chat(pixels, message, list(history), closer_look=closer_look,
-                                      score_threshold=score_threshold)
+                                      score_threshold=score_threshold, return_probabilities=return_probabilities)
 
     def refine(self, pixels: np.ndarray, points_xy: np.ndarray, labels: np.ndarray, box: Optional[np.ndarray],
                mask_logits: Optional[np.ndarray], organ: str, job=None) -> MaskPrediction:

@@ -67,15 +67,18 @@ def create_app(service: Service, token: Optional[str] = None):
     limit = service.limits.max_request_bytes
 
     async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise _BodyTooLarge()
+        """The body, or _BodyTooLarge past ``limit``. An oversized body is still read (and dropped, so memory
+        stays bounded): answering before the client finished sending would reach it as a broken pipe instead
+        of a clear 413."""
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
-                raise _BodyTooLarge()
-            chunks.append(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif chunks:
+                chunks.clear()
+        if size > limit:
+            raise _BodyTooLarge()
         return b"".join(chunks)
 
     async def rpc(request: Request):

@@ -16,7 +16,6 @@ from .. import __version__ as SERVER_VERSION
 from ..client.encoding import MASK_ENCODINGS, decode_array, decode_mask, encode_mask, encode_probability
 from ..client.geometry import SliceGeometry
 from ..client.spec import PROTOCOL_VERSION, ErrorCode, parse_version, versions_compatible
-from ..errors import CTReasonerError
 from ..organs import get_organ
 from ..results import ChatResult, MaskPrediction
 from .protocol import MethodRegistry, RpcError, invalid_params
@@ -63,7 +62,7 @@ def _organ_key(name: Optional[str]) -> Optional[str]:
         return None
     try:
         return get_organ(name).key
-    except (KeyError, ValueError, CTReasonerError):
+    except KeyError:
         raise invalid_params(f"unknown organ {name!r}", "use one of the 14 organ keys, e.g. 'liver'") from None
 
 
@@ -91,9 +90,11 @@ def _window(params: Dict[str, Any]) -> Optional[Tuple[float, float]]:
     return float(center), float(width)
 
 
-def _content_id(pixels: np.ndarray) -> str:
+def _content_id(pixels: np.ndarray, geometry: SliceGeometry) -> str:
+    """SHA-1 of the HU pixels, their shape and where they sit (equal air slices at two k are two images;
+    they still share one cached embedding, which the engine keys by pixels alone)."""
     digest = hashlib.sha1(np.ascontiguousarray(pixels, dtype=np.float32).tobytes())
-    digest.update(repr(pixels.shape).encode())
+    digest.update(repr((pixels.shape, geometry.k, np.round(geometry.ijk_to_ras, 6).tolist())).encode())
     return digest.hexdigest()
 
 
@@ -130,8 +131,13 @@ def encode_chat_result(result: ChatResult, mask_encoding: str, with_probability:
 
 
 def _remember_masks(context: CallContext, image_id: str, masks: Sequence[MaskPrediction]) -> None:
+    """Keep each organ's latest logits and mask (keyed by organ key) for refine/closer_look."""
     for prediction in masks:
-        context.session.remember_prediction(image_id, prediction.organ, prediction.logits_lowres, prediction.mask)
+        try:
+            organ = get_organ(prediction.organ).key
+        except KeyError:
+            organ = prediction.organ
+        context.session.remember_prediction(image_id, organ, prediction.logits_lowres, prediction.mask)
 
 
 def _mask_options(options: Dict[str, Any]) -> Tuple[str, bool]:
@@ -183,7 +189,8 @@ def initialize(context: CallContext, params: Dict[str, Any]) -> Dict[str, Any]:
 def ping(context: CallContext, params: Dict[str, Any]) -> Dict[str, Any]:
     """Heartbeat; also reports model loading progress."""
     engine = context.engine
-    status = {"time": time.time(), "model_state": engine.state, "active_jobs": context.service.jobs.active()}
+    status = {"time": time.time(), "model_state": engine.state, "model": engine.describe(),
+              "active_jobs": context.service.jobs.active()}
     if engine.state == "failed":
         status["model_error"] = engine.error
     if engine.state == "loading":
@@ -224,7 +231,7 @@ def set_image(context: CallContext, params: Dict[str, Any]) -> Dict[str, Any]:
     from .sessions import ImageRecord
     pixels = _decode_pixels(context, _param(params, "image", dict, required=True), "image", ndim=2)
     geometry = SliceGeometry.from_wire(_param(params, "geometry", dict), pixels.shape)
-    record = ImageRecord(_content_id(pixels), pixels, geometry, _window(params))
+    record = ImageRecord(_content_id(pixels, geometry), pixels, geometry, _window(params))
     context.session.add_image(record)
     started = time.perf_counter()
     embedding = "deferred"
@@ -243,7 +250,7 @@ def set_volume(context: CallContext, params: Dict[str, Any]) -> Dict[str, Any]:
         raise invalid_params(f"'volume' has {pixels.shape[0]} slices; at most "
                              f"{context.service.limits.max_volume_slices} are accepted")
     geometry = SliceGeometry.from_wire(_param(params, "geometry", dict), pixels.shape[1:])
-    record = VolumeRecord(_content_id(pixels), pixels, geometry.ijk_to_ras, _window(params))
+    record = VolumeRecord(_content_id(pixels, geometry), pixels, geometry.ijk_to_ras, _window(params))
     context.session.add_volume(record)
     return {"volume_id": record.volume_id, "shape": list(pixels.shape)}
 
@@ -263,7 +270,8 @@ def chat(context: CallContext, params: Dict[str, Any]) -> Dict[str, Any]:
     score_threshold = _number(options, "score_threshold", low=0.0, high=1.0)
     mask_encoding, with_probability = _mask_options(options)
     result = context.engine.chat(record.pixels, message, history, closer_look=closer_look,
-                                 score_threshold=score_threshold, job=context.job)
+                                 score_threshold=score_threshold, return_probabilities=with_probability,
+                                 job=context.job)
     _remember_masks(context, record.image_id, result.masks)
     return encode_chat_result(result, mask_encoding, with_probability)
 
