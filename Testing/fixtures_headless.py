@@ -21,8 +21,18 @@ def oblique_directions(degrees: float = 25.0) -> np.ndarray:
     return rotation @ np.diag([-1.0, 1.0, 1.0])
 
 
-def write_phantom(folder: Path, seed: int = 3, directions: Optional[np.ndarray] = None, suffix: str = ".nrrd"):
-    """Write a phantom CT and its labels; returns (ct path, ct Volume, labels Volume)."""
+def stored_sagittally(volume):
+    """The same voxels with the axial axis stored as I (array [i, j, k] of the axial volume): K is not axial."""
+    from dataclasses import replace
+
+    return replace(volume, array=np.ascontiguousarray(volume.array.transpose(2, 1, 0)), spacing=volume.spacing[::-1],
+                   directions=volume.directions[:, ::-1])
+
+
+def write_phantom(folder: Path, seed: int = 3, directions: Optional[np.ndarray] = None, suffix: str = ".nrrd",
+                  sagittal: bool = False):
+    """Write a phantom CT and its labels (optionally rotated, or stored sagittally); returns
+    (ct path, ct Volume, labels Volume) as written."""
     from dataclasses import replace
 
     from CTReasonerLib.data.phantom import PhantomConfig, generate_phantom
@@ -31,6 +41,8 @@ def write_phantom(folder: Path, seed: int = 3, directions: Optional[np.ndarray] 
     ct, labels = generate_phantom(seed, PhantomConfig(shape=PHANTOM_SHAPE))
     if directions is not None:
         ct, labels = replace(ct, directions=directions), replace(labels, directions=directions)
+    if sagittal:
+        ct, labels = stored_sagittally(ct), stored_sagittally(labels)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"phantom_{seed}{suffix}"
     write_volume(ct, path)

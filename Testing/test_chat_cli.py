@@ -53,7 +53,7 @@ def _in_slicer_grid(mask_kji: np.ndarray, volume, volume_node) -> np.ndarray:
     assert np.allclose(ours_to_slicer, np.round(ours_to_slicer), atol=1e-4), "the grids must share voxels"
     k, j, i = np.nonzero(mask_kji)
     i2, j2, k2, _ = np.round(ours_to_slicer @ np.stack([i, j, k, np.ones_like(i)])).astype(int)
-    moved = np.zeros(mask_kji.shape, bool)
+    moved = np.zeros(slicer.util.arrayFromVolume(volume_node).shape, bool)
     moved[k2, j2, i2] = True
     return moved
 
@@ -69,10 +69,14 @@ def _assert_roi_covers_box(node, axial_slice, xyxy):
     assert not _inside_roi(node, above).any()
 
 
-@pytest.mark.parametrize("directions", ["phantom_lps", "oblique"])
-def test_outputs_land_on_slice_k_at_the_pipeline_voxels_in_slicer(tmp_path, slicer_scene, directions):
-    ct_path, ct, labels = write_phantom(tmp_path / "in", directions=None if directions == "phantom_lps"
-                                        else oblique_directions())
+@pytest.mark.parametrize("grid", ["phantom_lps", "oblique", "stored_sagittally"])
+def test_outputs_land_on_slice_k_at_the_pipeline_voxels_in_slicer(tmp_path, slicer_scene, grid):
+    from CTReasonerLib.io.slices import reorient_axial
+
+    ct_path, ct, labels = write_phantom(tmp_path / "in", directions=oblique_directions() if grid == "oblique" else None,
+                                        sagittal=grid == "stored_sagittally")
+    # chat works on axial slices: a sagittally stored file is read with its axes permuted (exact, same voxels)
+    ct, labels = reorient_axial(ct), reorient_axial(labels)
     liver_slices = np.nonzero((labels.array == get_organ("liver").label).any(axis=(1, 2)))[0]
     adrenal = (labels.array == get_organ("right_adrenal_gland").label).any(axis=(1, 2))
     k = int(np.nonzero(adrenal & np.isin(np.arange(len(adrenal)), liver_slices))[0][0])
