@@ -180,7 +180,7 @@ def resolve_model_dir(model_dir: Optional[str]) -> str:
 def load_pipeline(model_dir: Optional[str] = None, device: str = "auto"):
     """Load a model folder into a ``CTReasonerPipeline`` on ``device`` ("auto" | "cpu" | "cuda" | "cuda:N").
 
-    Under torchrun with CUDA, "auto" and "cuda" mean this rank's own GPU (LOCAL_RANK).
+    Under torchrun with CUDA, "auto" and "cuda" mean this rank's own GPU (LOCAL_RANK modulo the GPU count).
     """
     path = resolve_model_dir(model_dir)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -190,7 +190,8 @@ def load_pipeline(model_dir: Optional[str] = None, device: str = "auto"):
     device = select_device(device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         import torch
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        # ranks beyond the GPU count share GPUs round-robin rather than fail
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     try:
         return CTReasonerPipeline.from_pretrained(path, device=device)
     except CTReasonerError:
