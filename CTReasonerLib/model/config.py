@@ -45,7 +45,7 @@ class LVLMConfig:
     """
     backbone: str = "qwen2_5_vl"
     path: Optional[str] = None
-    image_size: int = 112
+    image_size: int = 168
     trainable: str = "full"
     dtype: Optional[str] = None
     max_new_tokens: int = 160
