@@ -30,39 +30,43 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``ctreasoner`` parser; with ``command``, that command's own arguments are added too."""
     parser = argparse.ArgumentParser(prog="ctreasoner", description="Chat-driven CT interpretation (CTReasoner).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
+        if name == command:
+            _command_module(name).add_arguments(p)
     return parser
+
+
+def _command_module(name: str):
+    return importlib.import_module(f"CTReasonerLib.commands.{COMMANDS[name][0]}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    # Two-stage parse: find the command, then let its module add its own arguments.
-    known, _ = parser.parse_known_args(argv)
-    if known.command is None:
+    # The command is the first positional word; only its module is imported, so --help stays light.
+    command = next((word for word in argv if not word.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
         parser.print_help()
         return 2
-    module = importlib.import_module(f"CTReasonerLib.commands.{COMMANDS[known.command][0]}")
-    sub_action = next(a for a in parser._subparsers._group_actions)  # argparse keeps subparsers here
-    module.add_arguments(sub_action.choices[known.command])
-    args = parser.parse_args(argv)
+    module = _command_module(args.command)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return int(module.run(args) or 0)
     except CTReasonerError as exc:
-        print(f"ctreasoner {known.command}: error: {exc.message}", file=sys.stderr)
+        print(f"ctreasoner {args.command}: error: {exc.message}", file=sys.stderr)
         if exc.hint:
             print(f"  hint: {exc.hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"ctreasoner {known.command}: interrupted", file=sys.stderr)
+        print(f"ctreasoner {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
