@@ -218,3 +218,19 @@ def test_report_without_ablation_and_with_missing_organs():
     assert "Not run (`--no-closer-ablation`)" in report
     assert "| This model | 100.00 | – |" in report  # spleen scored, right kidney absent from the split
     assert json.dumps(summary["segmentation"]["per_organ"])  # plain JSON types
+
+
+def test_stratified_subset_covers_organs_and_tasks():
+    from CTReasonerLib.eval.evaluate import stratified_subset
+
+    records = [{"organ": organ.key, "task": task} for _ in range(5) for organ in ORGANS for task in ("seg", "det")]
+    records += [{"organ": "liver", "task": "absent"}] * 3
+    chosen = stratified_subset(records, 31)
+    assert len(chosen) == len(set(chosen)) == 31 and chosen == sorted(chosen)
+    picked = [records[i] for i in chosen]
+    assert {r["organ"] for r in picked} == {o.key for o in ORGANS}
+    assert {r["task"] for r in picked} == {"seg", "det", "absent"}
+    few = [records[i] for i in stratified_subset(records, 6)]
+    assert len({r["organ"] for r in few}) >= 5  # spread over organs, not the first organs only
+    assert stratified_subset(records, None) == list(range(len(records)))
+    assert stratified_subset(records, 10_000) == list(range(len(records)))

@@ -150,13 +150,18 @@ def stratified_subset(records: Sequence[Dict[str, Any]], limit: Optional[int]) -
     groups: Dict[Tuple[str, str], List[int]] = {}
     for index, record in enumerate(records):
         groups.setdefault((record["organ"], record["task"]), []).append(index)
+    task_order = {"seg": 0, "det": 1, "absent": 2}
+    ordered = sorted(groups, key=lambda key: (ORGAN_ORDER.index(key[0]) if key[0] in ORGAN_ORDER else len(ORGAN_ORDER),
+                                              task_order.get(key[1], 3)))
     quota = {key: 0 for key in groups}
     remaining = limit
     while remaining:
-        open_groups = [key for key in groups if quota[key] < len(groups[key])]
-        for key in open_groups[:remaining]:
+        open_groups = [key for key in ordered if quota[key] < len(groups[key])]
+        if remaining < len(open_groups):  # last round: groups spread over organs and tasks
+            open_groups = [open_groups[i] for i in np.linspace(0, len(open_groups) - 1, remaining).round().astype(int)]
+        for key in open_groups:
             quota[key] += 1
-        remaining -= min(remaining, len(open_groups))
+        remaining -= len(open_groups)
     chosen = []
     for key, members in groups.items():
         positions = np.linspace(0, len(members) - 1, quota[key]).round().astype(int) if quota[key] else []
