@@ -103,5 +103,6 @@ def test_janus_tiny_forward_generation_states_and_reload(tmp_path):
     assert 0 < len(generation.new_ids) <= 5
     adapter.save_pretrained(str(tmp_path))
     reloaded = load_lvlm(tiny_lvlm_config(backbone="janus", image_size=64), str(tmp_path))
+    as_base = build_lvlm(tiny_lvlm_config(backbone="janus", path=str(tmp_path)))  # a local "converted" folder
     with torch.no_grad():
-        assert torch.equal(reloaded(batch)[1], hidden)
+        assert torch.equal(reloaded(batch)[1], hidden) and torch.equal(as_base(batch)[1], hidden)
