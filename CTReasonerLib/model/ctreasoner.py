@@ -157,10 +157,7 @@ class CTReasonerModel(nn.Module):
             raise InputFileError(f"{weights} does not match the model config "
                                  f"(missing {sorted(set(missing) - expected_missing)[:5]}, unexpected {unexpected[:5]})",
                                  "the folder mixes files of different models; re-save it")
-        model.lvlm.model.to(device)
-        for module in (model.segmenter, model.detection_head, model.projector, model.token_type_embedding):
-            module.to(device)
-        return model.train(trainable)
+        return model.to(device).train(trainable)
 
     def merge_lora(self) -> None:
         """Fold a LoRA adapter into the LVLM weights (for ``ctreasoner merge``: a standalone model folder)."""
