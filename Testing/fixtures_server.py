@@ -36,8 +36,10 @@ def phantom_slice(size: int = 64, seed: int = 0) -> np.ndarray:
     return (image + rng.integers(-10, 10, image.shape)).astype(np.int16)
 
 
-def phantom_stack(depth: int, size: int = 64) -> np.ndarray:
-    return np.stack([phantom_slice(size, seed=k) for k in range(depth)])
+def phantom_stack(depth: int, size: int = 64, first_seed: int = 0) -> np.ndarray:
+    """(depth, size, size) slices; distinct ``first_seed`` values give pixels no earlier call has seen
+    (the server answers a repeated identical chat turn from its result cache, i.e. instantly)."""
+    return np.stack([phantom_slice(size, seed=first_seed + k) for k in range(depth)])
 
 
 def stdio_client(extra_args=(), **client_options) -> CTReasonerClient:

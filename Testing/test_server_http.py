@@ -113,7 +113,7 @@ def test_progress_streams_over_http_and_cancel_works(client):
     reply = client.propagate(volume_id, 1, organ="liver", seed_mask=np.ones((48, 48), bool), direction="up",
                              on_progress=lambda d, t, m: progress.append(d))
     assert 1 in reply.masks and progress and progress[-1] == 3
-    long_volume = client.set_volume(phantom_stack(40, 48))
+    long_volume = client.set_volume(phantom_stack(20, 48, first_seed=7000))   # fresh pixels: the model runs
     started = threading.Event()
     call = client.run_in_background(client.propagate, long_volume, 0, organ="liver",
                                     seed_mask=np.ones((48, 48), bool), direction="up",

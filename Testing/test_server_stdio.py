@@ -14,7 +14,8 @@ import pytest
 
 from CTReasonerLib.client import CallCancelledError, ErrorCode, ServerError, encode_array, encode_mask
 from CTReasonerLib.client.spec import PROTOCOL_VERSION
-from fixtures_server import MODEL_ARGS, REPO, SERVE, SERVER_ENV, STARTUP_TIMEOUT_S, phantom_slice, phantom_stack, stdio_client
+from fixtures_server import (MODEL_ARGS, REPO, SERVE, SERVER_ENV, STARTUP_TIMEOUT_S, phantom_slice, phantom_stack,
+                             stdio_client, wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +78,10 @@ def test_chat_raw_result_states_its_mask_encoding(client, image_id):
     assert set(raw) >= {"text", "raw_text", "routing_tokens", "target_organ", "absent", "masks", "boxes",
                         "closer_look", "timings_ms"}
     assert all(m["mask"]["encoding"] == "rle" for m in raw["masks"])
+    again = client.call("chat", {"image_id": image_id, "message": "where is the liver?", "history": [["hi", "hello"]],
+                                 "options": {"mask_encoding": "rle", "closer_look": False}})
+    assert set(again["timings_ms"]) == {"result_cache"}       # the identical turn is answered from the cache
+    assert {k: v for k, v in again.items() if k != "timings_ms"} == {k: v for k, v in raw.items() if k != "timings_ms"}
 
 
 def test_refine_clicks_box_and_previous_mask(client, image_id):
@@ -118,16 +123,30 @@ def test_propagate_streams_progress_and_returns_per_slice_masks(client):
 
 
 def test_cancel_a_running_propagation(client):
-    volume_id = client.set_volume(phantom_stack(40))
-    seed_mask = np.ones((64, 64), bool)
+    # Fresh pixels: each slice's chat runs the model (~0.5 s here), so the cancel lands mid-job and is
+    # honoured at the next slice boundary.
+    volume_id = client.set_volume(phantom_stack(20, first_seed=5000))
     started = threading.Event()
-    call = client.run_in_background(client.propagate, volume_id, 0, organ="liver", seed_mask=seed_mask,
-                                    direction="up", on_progress=lambda d, t, m: started.set())
+    call = client.run_in_background(client.propagate, volume_id, 0, organ="liver",
+                                    seed_mask=np.ones((64, 64), bool), direction="up",
+                                    on_progress=lambda d, t, m: started.set())
     assert started.wait(60), "no progress notification arrived"
     assert call.cancel()
     with pytest.raises(CallCancelledError):
         call.result(timeout=60)
     assert client.ping()["active_jobs"] == 0
+
+
+def test_cancel_a_queued_call_is_answered_at_once(client):
+    running_image = client.set_image(phantom_slice(64, seed=6000))
+    queued_image = client.set_image(phantom_slice(64, seed=6001))
+    running = client.run_in_background(client.chat, running_image, "segment the liver")
+    queued = client.run_in_background(client.chat, queued_image, "segment the liver")
+    assert wait_until(lambda: client.ping()["active_jobs"] == 2 or queued.done(), timeout=30)
+    assert client.cancel(queued.job_id)
+    with pytest.raises(CallCancelledError):
+        queued.result(timeout=5)        # well before the running chat would have let it start
+    assert running.result(timeout=120).result is not None
 
 
 def test_unknown_image_and_empty_query_leave_the_server_usable(client, image_id):
@@ -272,3 +291,11 @@ def test_payload_over_the_limit_is_refused_with_its_id(ready_server):
 def test_shutdown_ends_the_process(ready_server):
     assert ready_server.call("shutdown")["result"] == {"shutting_down": True}
     assert ready_server.process.wait(timeout=30) == 0
+
+
+def test_serve_check_reports_a_missing_model_and_exits_1(tmp_path):
+    finished = subprocess.run(SERVE + ["--check", "--model", str(tmp_path / "no-model"), "--device", "cpu"],
+                              env=SERVER_ENV, cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 1
+    assert "PROBLEMS FOUND" in finished.stdout and "does not exist" in finished.stdout
+    assert "ok    device cpu" in finished.stdout

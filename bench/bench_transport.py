@@ -43,13 +43,16 @@ def ct_slice(size: int) -> np.ndarray:
     return image
 
 
-def timed(function, calls: int):
-    function()  # warm-up
-    times = []
+def interleaved(paths, calls: int):
+    """Time every path once per round, round-robin, so load changes on a shared machine hit all alike."""
+    times = {name: [] for name in paths}
+    for function in paths.values():
+        function()  # warm-up
     for _ in range(calls):
-        started = time.perf_counter()
-        function()
-        times.append((time.perf_counter() - started) * 1000.0)
+        for name, function in paths.items():
+            started = time.perf_counter()
+            function()
+            times[name].append((time.perf_counter() - started) * 1000.0)
     return times
 
 
@@ -57,16 +60,15 @@ def summary(times):
     return statistics.median(times), float(np.percentile(times, 90))
 
 
-def in_process(model: str, pixels: np.ndarray, calls: int):
+def in_process_paths(model: str, pixels: np.ndarray, click: np.ndarray):
+    """(description, {"decoder": f, "in-process": f}) on an in-process engine with a cached embedding."""
     import torch
     engine = Engine(model, device="cpu")
     engine.load()
     if engine.state != "ready":
         raise SystemExit(f"model failed to load: {engine.error}")
     engine.prepare_image(pixels)
-    click = np.array([[pixels.shape[1] * 0.35, pixels.shape[0] * 0.4]])
     labels = np.array([1])
-    refine = timed(lambda: engine.refine(pixels, click, labels, None, None, "liver"), calls)
     pipeline_model = engine.pipeline.model
     with torch.inference_mode():
         image, transform, _ = pipeline_model.slice_input(pixels)
@@ -79,17 +81,20 @@ def in_process(model: str, pixels: np.ndarray, calls: int):
         with torch.inference_mode():
             pipeline_model.segmenter.decode(features, None, index, points=(coords, point_labels))
 
-    return engine.describe(), timed(decoder_only, calls), refine
+    def engine_refine():
+        engine.refine(pixels, click, labels, None, None, "liver")
+
+    return engine.describe(), {"decoder": decoder_only, "in-process": engine_refine}
 
 
-def over_client(client: CTReasonerClient, pixels: np.ndarray, calls: int):
+def client_path(client: CTReasonerClient, pixels: np.ndarray, click: np.ndarray):
     client.connect()
     image_id = client.set_image(pixels)
-    click = [[pixels.shape[1] * 0.35, pixels.shape[0] * 0.4]]
-    return timed(lambda: client.refine(image_id, points=click, labels=[1], organ="liver"), calls)
+    return lambda: client.refine(image_id, points=click.tolist(), labels=[1], organ="liver")
 
 
 def start_http(model: str, token_file: str):
+    """``ctreasoner serve --http`` on a free loopback port -> (process, url)."""
     command = [sys.executable, "-m", "CTReasonerLib.cli", "serve", "--http", "--port", "0", "--model", model,
                "--device", "cpu", "--token-file", token_file]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV,
@@ -117,29 +122,35 @@ def main() -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL_DIR if os.path.isdir(DEFAULT_MODEL_DIR) else TINY_RANDOM)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--calls", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
     args = parser.parse_args()
     pixels = ct_slice(args.size)
+    click = np.array([[args.size * 0.35, args.size * 0.4]])
+    import torch
+    torch.set_num_threads(args.threads)  # the servers get the same thread count through OMP_NUM_THREADS
+    ENV["OMP_NUM_THREADS"] = ENV["MKL_NUM_THREADS"] = str(args.threads)
 
-    description, decoder, direct = in_process(args.model, pixels, args.calls)
+    description, paths = in_process_paths(args.model, pixels, click)
     stdio_client = CTReasonerClient.local(model=args.model, device="cpu", heartbeat_interval=0, env=ENV)
-    try:
-        stdio = over_client(stdio_client, pixels, args.calls)
-    finally:
-        stdio_client.close()
     with tempfile.TemporaryDirectory() as folder:
         token_file = os.path.join(folder, "token")
         Path(token_file).write_text(secrets.token_urlsafe(24))
         process, url = start_http(args.model, token_file)
         http_client = CTReasonerClient.http(url, token_file=token_file, heartbeat_interval=0)
         try:
-            http = over_client(http_client, pixels, args.calls)
+            paths["stdio"] = client_path(stdio_client, pixels, click)
+            paths["http"] = client_path(http_client, pixels, click)
+            times = interleaved(paths, args.calls)
         finally:
+            stdio_client.close()
             http_client.close()
             process.terminate()
             process.wait(timeout=30)
+    decoder, direct, stdio, http = (times[name] for name in ("decoder", "in-process", "stdio", "http"))
 
     print(f"model: {description.get('model_id')} ({description.get('segmenter')}, {description.get('device')}), "
-          f"slice {args.size}x{args.size}, {args.calls} calls after 1 warm-up")
+          f"slice {args.size}x{args.size}, {args.calls} interleaved calls per path after 1 warm-up, "
+          f"{args.threads} torch thread(s) per process")
     print(f"{'path':<12} {'median ms':>10} {'p90 ms':>8} {'overhead ms':>12} {'ratio':>6}")
     base = summary(direct)[0]
     for name, times in (("decoder", decoder), ("in-process", direct), ("stdio", stdio), ("http", http)):

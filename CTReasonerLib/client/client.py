@@ -417,7 +417,7 @@ class CTReasonerClient:
             if not pending.event.wait(timeout):
                 if job_id:
                     self._send_cancel_quietly(job_id)
-                raise CallTimeoutError(f"the server did not answer '{method}' within {timeout:.0f} s",
+                raise CallTimeoutError(f"the server did not answer '{method}' within {timeout:g} s",
                                        "the machine may be busy or the model slow on this device; "
                                        "raise the client timeout or check the backend log")
         except TransportError as exc:

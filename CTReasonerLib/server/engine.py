@@ -8,11 +8,13 @@ caused it; the engine stays usable.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -54,6 +56,8 @@ class Engine:
     state: "loading" -> "ready" | "failed" (with ``error``); ``stage`` names the current loading stage.
     """
 
+    RESULTS_KEPT = 32
+
     def __init__(self, model: Optional[str] = None, device: str = "auto", dtype: Optional[str] = None,
                  cache_bytes: int = 512 * 2**20, seed: int = 0):
         self.model_spec = model or DEFAULT_MODEL_DIR
@@ -67,6 +71,8 @@ class Engine:
         self.load_seconds: Optional[float] = None
         self.pipeline = None
         self.cache = None
+        self._results: "OrderedDict[str, ChatResult]" = OrderedDict()
+        self._results_lock = threading.Lock()
         self._description: Dict[str, object] = {"model_id": self._model_id()}
 
     # ----------------------------------------------------------------- loading
@@ -179,11 +185,29 @@ class Engine:
     def chat(self, pixels: np.ndarray, message: str, history: Sequence[Tuple[str, str]],
              closer_look: Optional[bool] = None, score_threshold: Optional[float] = None,
              return_probabilities: bool = False, job=None) -> ChatResult:
+        """One chat turn. Generation is greedy, hence deterministic: the same turn on the same pixels is
+        answered from a small result cache (``timings_ms`` then says ``result_cache``)."""
         if job is not None:
             job.check_cancelled()
+        started = time.perf_counter()
+        digest = hashlib.sha1(np.ascontiguousarray(pixels, dtype=np.float32).tobytes())
+        digest.update(repr((pixels.shape, message, list(map(tuple, history)), closer_look, score_threshold,
+                            return_probabilities)).encode())
+        key = digest.hexdigest()
+        with self._results_lock:
+            cached = self._results.get(key)
+            if cached is not None:
+                self._results.move_to_end(key)
+        if cached is not None:
+            return replace(cached, timings_ms={"result_cache": (time.perf_counter() - started) * 1000.0})
         with self._model_call("chat"):
-            return self.pipeline.chat(pixels, message, list(history), closer_look=closer_look,
-                                      score_threshold=score_threshold, return_probabilities=return_probabilities)
+            result = self.pipeline.chat(pixels, message, list(history), closer_look=closer_look,
+                                        score_threshold=score_threshold, return_probabilities=return_probabilities)
+        with self._results_lock:
+            self._results[key] = result
+            while len(self._results) > self.RESULTS_KEPT:
+                self._results.popitem(last=False)
+        return result
 
     def refine(self, pixels: np.ndarray, points_xy: np.ndarray, labels: np.ndarray, box: Optional[np.ndarray],
                mask_logits: Optional[np.ndarray], organ: str, job=None) -> MaskPrediction:

@@ -145,6 +145,7 @@ def serve_http(service: Service, host: str = "127.0.0.1", port: int = 8765, toke
         sock.bind((host, port))
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc}", "choose another --port") from None
+    sock.listen(2048)  # accept (queue) connections from the moment the address is logged
     bound_port = sock.getsockname()[1]
     if not token:
         log.warning("no token configured: any local user can use this server (loopback only)")
