@@ -72,7 +72,8 @@ def test_segmentation_loads_in_slicer_with_names_colours_voxels_and_tags(tmp_pat
     spleen[3, 7:12, 14:20] = True            # overlaps the liver: goes to a second layer
     path = write_segmentation(tmp_path / "out" / "result.seg.nrrd", volume,
                               {"liver": liver, "spleen": spleen, "pancreas": np.zeros_like(liver)},
-                              {"liver": {"CTReasoner.score": 0.93, "CTReasoner.query": "segment | the\nliver"}})
+                              {"liver": {"CTReasoner.score": 0.93, "CTReasoner.query": "segment | the\nliver",
+                                         "CTReasoner.reasoning": "about 41.2 cm\u00b2 (80 \u00d7 60 mm)"}})
     _scene, segmentation = _load_segmentation(path)
 
     assert segmentation.GetNumberOfSegments() == 3
@@ -90,6 +91,8 @@ def test_segmentation_loads_in_slicer_with_names_colours_voxels_and_tags(tmp_pat
     liver_segment = segmentation.GetSegment("liver")
     assert _tag(liver_segment, "CTReasoner.score") == "0.93"
     assert _tag(liver_segment, "CTReasoner.query") == "segment / the liver"
+    # NRRD headers are ASCII: reasoning text with units is spelled out, not dropped or crashing the writer.
+    assert _tag(liver_segment, "CTReasoner.reasoning") == "about 41.2 cm2 (80 x 60 mm)"
 
 
 def test_segmentation_on_real_ct_grid_lands_on_slice_k(tmp_path):

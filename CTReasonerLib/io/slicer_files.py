@@ -13,6 +13,7 @@ numpy, json and slicerio only: no ``slicer`` import, so the backend writes them 
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
@@ -84,8 +85,15 @@ def _tag_key(name: str) -> str:
     return name
 
 
+_ASCII_SPELLINGS = str.maketrans({"\u00d7": "x", "\u00b2": "2", "\u00b3": "3", "\u00b0": " deg", "\u00b5": "u",
+                                  "\u2013": "-", "\u2014": "-", "\u2018": "'", "\u2019": "'", "\u201c": '"',
+                                  "\u201d": '"', "\u2264": "<=", "\u2265": ">=", "\u00b1": "+/-"})
+
+
 def _tag_value(value: object) -> str:
+    """Tag text as NRRD headers need it: ASCII on one line, without Slicer's '|' tag separator."""
     text = f"{value:.6g}" if isinstance(value, float) else str(value)
+    text = unicodedata.normalize("NFKD", text.translate(_ASCII_SPELLINGS)).encode("ascii", "replace").decode("ascii")
     return text.replace("|", "/").replace("\r", " ").replace("\n", " ")
 
 
