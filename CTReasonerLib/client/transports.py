@@ -22,6 +22,22 @@ from .spec import NDJSON_CONTENT_TYPE, SESSION_HEADER
 
 log = logging.getLogger(__name__)
 
+
+def _json_lines(stream, source: str):
+    """JSON values of a newline-delimited byte stream, until EOF.
+
+    Blank lines are skipped, and so are lines that are not JSON: something other than the protocol
+    (a stray print on the remote side) must never break the channel.
+    """
+    for line in iter(stream.readline, b""):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            yield json.loads(line)
+        except ValueError:
+            log.warning("ignoring a non-JSON line from %s: %r", source, line[:200])
+
 MessageHandler = Callable[[dict], None]
 LostHandler = Callable[[str], None]
 
@@ -106,17 +122,7 @@ class StdioTransport(Transport):
         threading.Thread(target=self._read_stderr, daemon=True, name="ctreasoner-stdio-stderr").start()
 
     def _read_stdout(self, on_message: MessageHandler, on_lost: LostHandler) -> None:
-        stream = self._process.stdout
-        for line in iter(stream.readline, b""):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                message = json.loads(line)
-            except ValueError:
-                # Something other than the protocol wrote to stdout; never let it break the channel.
-                log.warning("ignoring a non-JSON line from the backend: %r", line[:200])
-                continue
+        for message in _json_lines(self._process.stdout, "the backend"):
             if isinstance(message, dict):
                 on_message(message)
             elif isinstance(message, list):
@@ -275,15 +281,7 @@ class HttpTransport(Transport):
 
     def _read_response(self, response: http.client.HTTPResponse, request_id) -> None:
         received_any = False
-        for line in iter(response.readline, b""):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                message = json.loads(line)
-            except ValueError:
-                log.warning("ignoring a non-JSON line from the server: %r", line[:200])
-                continue
+        for message in _json_lines(response, "the server"):
             if isinstance(message, dict):
                 received_any = True
                 if "error" in message and message.get("id") is None and request_id is not None:
