@@ -16,6 +16,8 @@ so a missed organ scores as the worst possible HD95 rather than a NaN that would
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 from typing import Sequence, Tuple
 
@@ -70,8 +72,11 @@ class SegmentationMetrics:
         y = torch.from_numpy(target)[None, None].float()
         spacing = [float(s) for s in spacing]
         dice = float(self._dice(y_pred, y).item())
-        hd95 = float(self._hd95(y_pred, y, spacing=spacing).item())
-        nsd = float(self._nsd(y_pred, y, spacing=spacing).item())
+        with warnings.catch_warnings():
+            # monai 1.6 warns about an argument its own surface-distance code still passes internally
+            warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+            hd95 = float(self._hd95(y_pred, y, spacing=spacing).item())
+            nsd = float(self._nsd(y_pred, y, spacing=spacing).item())
         for metric in (self._dice, self._hd95, self._nsd):
             metric.reset()  # monai metrics also buffer every call for aggregate(); we keep our own records
         return SegmentationScores(dice, hd95, nsd, False, False)
