@@ -61,3 +61,18 @@ class ChatResult:
     boxes: List[BoxPrediction] = field(default_factory=list)
     closer_look: CloserLookInfo = field(default_factory=lambda: CloserLookInfo(ran=False))
     timings_ms: Dict[str, float] = field(default_factory=dict)
+
+
+def box_extent_ijk(xyxy, k: float, num_slices: int = 1):
+    """Continuous IJK centre and size (in voxels) of the region a pixel box covers on slice ``k``.
+
+    Pixel centres sit on integer IJK coordinates, so pixel ``(i, j)`` spans ``[i - 0.5, i + 0.5]`` and a box
+    with exclusive maxima covers ``[x0 - 0.5, x1 - 0.5] x [y0 - 0.5, y1 - 0.5] x [k - 0.5, k + num_slices - 0.5]``.
+    Returns ``(center (3,), size (3,))``; raises ValueError for an empty box.
+    """
+    x0, y0, x1, y1 = (float(v) for v in np.asarray(xyxy, dtype=np.float64).reshape(4))
+    if not (x1 > x0 and y1 > y0):
+        raise ValueError(f"box {[x0, y0, x1, y1]} is not (x0, y0, x1, y1) with x1 > x0 and y1 > y0")
+    center = np.array([(x0 + x1 - 1.0) / 2.0, (y0 + y1 - 1.0) / 2.0, k + (num_slices - 1) / 2.0])
+    size = np.array([x1 - x0, y1 - y0, float(num_slices)])
+    return center, size

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..organs import get_organ, slicer_terminology_string
+from ..results import box_extent_ijk
 from .errors import OutputFileError
 from .slices import AxialSlice, extract_axial_slice
 from .volume import LPS_TO_RAS, Volume
@@ -108,18 +109,15 @@ def roi_from_pixel_box(source: Union[AxialSlice, Volume], xyxy: Sequence[float],
     if isinstance(source, Volume) and k is None:
         raise ValueError("roi_from_pixel_box needs the slice index k when given a Volume")
     axial_slice = extract_axial_slice(source, k) if isinstance(source, Volume) else source
-    x0, y0, x1, y1 = (float(v) for v in xyxy)
-    if not (x1 > x0 and y1 > y0):
-        raise ValueError(f"box {tuple(xyxy)} is not (x0, y0, x1, y1) with x1 > x0 and y1 > y0")
+    center_ijk, size_ijk = box_extent_ijk(xyxy, axial_slice.k)
     linear = axial_slice.ijk_to_ras[:3, :3]
     spacing = np.linalg.norm(linear, axis=0)
     orientation = linear / spacing
     if np.linalg.det(orientation) < 0:
         # A box is symmetric, so flipping one axis describes the same region with a proper rotation.
         orientation[:, 2] *= -1.0
-    # Pixel centres sit on integer coordinates, so the covered pixels x0..x1-1 span [x0 - 0.5, x1 - 0.5].
-    center = axial_slice.pixel_to_ras([[(x0 + x1 - 1.0) / 2.0, (y0 + y1 - 1.0) / 2.0]])[0]
-    size = np.array([x1 - x0, y1 - y0, 1.0]) * spacing
+    center = axial_slice.pixel_to_ras([center_ijk[:2]])[0]
+    size = size_ijk * spacing
     return {"center_ras": center, "size_mm": size, "orientation": orientation}
 
 

@@ -16,6 +16,7 @@ from typing import Sequence, Tuple
 import numpy as np
 
 from ..errors import CTReasonerError
+from ..results import box_extent_ijk
 
 # The Red view may tilt by at most this many voxels (in K) across the volume's in-plane extent.
 MAX_SLICE_TILT_VOXELS = 0.5
@@ -147,13 +148,13 @@ def pixel_box_to_oriented_box(volume_node, k: int, xyxy: Sequence[float], num_sl
     Pixel ``(i, j)`` spans ``[i - 0.5, i + 0.5]`` in continuous IJK, so the box's IJK extent is
     ``[x0 - 0.5, x1 - 0.5]`` x ``[y0 - 0.5, y1 - 0.5]`` x ``[k - 0.5, k + num_slices - 0.5]``.
     """
-    x0, y0, x1, y1 = (float(v) for v in np.asarray(xyxy, dtype=np.float64).reshape(4))
-    if not (x1 > x0 and y1 > y0):
+    try:
+        center_ijk, size_ijk = box_extent_ijk(xyxy, k, num_slices)
+    except ValueError:
         raise CTReasonerError(f"empty box {list(np.asarray(xyxy).tolist())}", "boxes need x1 > x0 and y1 > y0")
     ijk_to_local = volume_ijk_to_local(volume_node)
     spacing = np.linalg.norm(ijk_to_local[:3, :3], axis=0)
-    center_ijk = np.array([(x0 + x1 - 1.0) / 2.0, (y0 + y1 - 1.0) / 2.0, k + (num_slices - 1) / 2.0])
-    size = np.array([x1 - x0, y1 - y0, float(num_slices)]) * spacing
+    size = size_ijk * spacing
     axes = ijk_to_local[:3, :3] / spacing
     return OrientedBox(center=_transform_points(ijk_to_local, center_ijk)[0], size=size, axes=axes)
 
