@@ -554,12 +554,7 @@ class CTReasonerClient:
         pixels = _as_wire_pixels(hu_slice, ndim=2, name="hu_slice")
         geometry = SliceGeometry(np.eye(4) if ijk_to_ras is None else ijk_to_ras, k, pixels.shape)
         params: Dict[str, Any] = {"image": encode_array(pixels), "geometry": geometry.to_wire()}
-        if window is not None:
-            params["window"] = {"center": float(window[0]), "width": float(window[1])}
-        if job_id:
-            params["job_id"] = job_id
-        image_id = self.call("set_image", params, timeout=timeout)["image_id"]
-        self._remember_upload(image_id, "set_image", {k: v for k, v in params.items() if k != "job_id"})
+        image_id = self._upload("set_image", "image_id", params, window, job_id, timeout)
         self._geometries[image_id] = geometry
         return image_id
 
@@ -570,14 +565,17 @@ class CTReasonerClient:
         pixels = _as_wire_pixels(hu_volume, ndim=3, name="hu_volume")
         matrix = np.eye(4) if ijk_to_ras is None else np.asarray(ijk_to_ras, dtype=np.float64)
         params: Dict[str, Any] = {"volume": encode_array(pixels), "geometry": {"ijk_to_ras": matrix.tolist()}}
-        if window is not None:
-            params["window"] = {"center": float(window[0]), "width": float(window[1])}
-        if job_id:
-            params["job_id"] = job_id
-        volume_id = self.call("set_volume", params, timeout=timeout)["volume_id"]
-        self._remember_upload(volume_id, "set_volume", {k: v for k, v in params.items() if k != "job_id"})
+        volume_id = self._upload("set_volume", "volume_id", params, window, job_id, timeout)
         self._geometries[volume_id] = SliceGeometry(matrix, 0, pixels.shape[1:])
         return volume_id
+
+    def _upload(self, method: str, id_key: str, params: Dict[str, Any], window, job_id, timeout) -> str:
+        """Send an image or volume upload and remember it (without its job id) for re-sending after a reconnect."""
+        if window is not None:
+            params["window"] = {"center": float(window[0]), "width": float(window[1])}
+        upload_id = self.call(method, dict(params, job_id=job_id) if job_id else params, timeout=timeout)[id_key]
+        self._remember_upload(upload_id, method, params)
+        return upload_id
 
     def _remember_upload(self, upload_id: str, method: str, params: dict) -> None:
         self._uploads[upload_id] = (method, params)

@@ -87,23 +87,21 @@ class Session:
             self.images.put(record.image_id, record)
 
     def image(self, image_id) -> ImageRecord:
-        with self.lock:
-            record = self.images.get(image_id) if isinstance(image_id, str) else None
-        if record is None:
-            raise RpcError(ErrorCode.UNKNOWN_IMAGE, f"unknown image id {image_id!r} in this session",
-                           "call set_image first (the server may have restarted or evicted it)")
-        return record
+        return self._lookup(self.images, image_id, "image")
 
     def add_volume(self, record: VolumeRecord) -> None:
         with self.lock:
             self.volumes.put(record.volume_id, record)
 
     def volume(self, volume_id) -> VolumeRecord:
+        return self._lookup(self.volumes, volume_id, "volume")
+
+    def _lookup(self, store, upload_id, kind: str):
         with self.lock:
-            record = self.volumes.get(volume_id) if isinstance(volume_id, str) else None
+            record = store.get(upload_id) if isinstance(upload_id, str) else None
         if record is None:
-            raise RpcError(ErrorCode.UNKNOWN_IMAGE, f"unknown volume id {volume_id!r} in this session",
-                           "call set_volume first (the server may have restarted or evicted it)")
+            raise RpcError(ErrorCode.UNKNOWN_IMAGE, f"unknown {kind} id {upload_id!r} in this session",
+                           f"call set_{kind} first (the server may have restarted or evicted it)")
         return record
 
     def remember_prediction(self, image_id: str, organ: str, logits_lowres: Optional[np.ndarray],

@@ -112,7 +112,23 @@ class Segmenter(nn.Module):
         Returns (low_res_logits (N, M, 4h, 4w), iou_scores (N, M)); M = 1, or 3 with ``multimask_output``.
         N = 0 is allowed (empty outputs, still connected to the decoder's parameters).
         """
+        n = _check_decode_inputs(features, prompt_embeddings, image_index, points, boxes, mask_inputs)
+        if n == 0:
+            return self._decode_no_prompts(features, prompt_embeddings, multimask_output)
+        return self._decode_prompts(features, prompt_embeddings, image_index, points, boxes, mask_inputs,
+                                    multimask_output)
+
+    def _decode_prompts(self, features, prompt_embeddings, image_index, points, boxes, mask_inputs,
+                        multimask_output) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``decode`` for N >= 1 validated prompts: the segmenter-specific prompt encoding and decoder call."""
         raise NotImplementedError
+
+    @staticmethod
+    def _append_custom_tokens(sparse: torch.Tensor, prompt_embeddings: Optional[torch.Tensor]) -> torch.Tensor:
+        """(N, t, 256) prompt-encoder tokens followed by the (N, k, 256) routing-token embeddings, if any."""
+        if prompt_embeddings is None:
+            return sparse
+        return torch.cat([sparse, prompt_embeddings.to(sparse.dtype)], dim=1)
 
     @property
     def low_res_mask_size(self) -> int:

@@ -15,7 +15,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from CTReasonerLib.errors import ConfigError, InputFileError, ModelError
-from CTReasonerLib.model.segmenter.base import ImageFeatures, Segmenter, SegmenterConfig, _check_decode_inputs
+from CTReasonerLib.model.segmenter.base import ImageFeatures, Segmenter, SegmenterConfig
 
 #: encoder shapes of the official checkpoints (segment_anything/build_sam.py); all at 1024 px, patch 16
 SAM_VIT_PRESETS = {
@@ -142,23 +142,12 @@ class SamSegmenter(Segmenter):
             embeddings = self.image_encoder(pixels)
         return ImageFeatures(embeddings, None, self.image_size)
 
-    def decode(
-        self,
-        features: ImageFeatures,
-        prompt_embeddings: Optional[torch.Tensor],
-        image_index: torch.Tensor,
-        points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-        boxes: Optional[torch.Tensor] = None,
-        mask_inputs: Optional[torch.Tensor] = None,
-        multimask_output: bool = False,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        n = _check_decode_inputs(features, prompt_embeddings, image_index, points, boxes, mask_inputs)
-        if n == 0:
-            return self._decode_no_prompts(features, prompt_embeddings, multimask_output)
+    def _decode_prompts(self, features, prompt_embeddings, image_index, points, boxes, mask_inputs,
+                        multimask_output) -> Tuple[torch.Tensor, torch.Tensor]:
+        n = image_index.shape[0]
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
         sparse = sparse.expand(n, -1, -1)
-        if prompt_embeddings is not None:
-            sparse = torch.cat([sparse, prompt_embeddings.to(sparse.dtype)], dim=1)
+        sparse = self._append_custom_tokens(sparse, prompt_embeddings)
         # SAM's MaskDecoder broadcasts ONE image over all prompts (repeat_interleave) and adds the dense
         # prompt to it. Folding each prompt's own image embedding into the dense term and passing a single
         # zero image gives the same sum, so prompts over many images decode in one unmodified call.

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
 
 from CTReasonerLib.errors import ConfigError, InputFileError, ModelError
-from CTReasonerLib.model.segmenter.base import ImageFeatures, Segmenter, SegmenterConfig, _check_decode_inputs
+from CTReasonerLib.model.segmenter.base import ImageFeatures, Segmenter, SegmenterConfig
 
 SAM2_CONFIGS = {
     "hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
@@ -125,19 +125,9 @@ class Sam2Segmenter(Segmenter):
             maps = [f.permute(1, 2, 0).reshape(batch, -1, h, w) for f, (h, w) in zip(vision_feats, feat_sizes)]
         return ImageFeatures(maps[-1], maps[:-1], self.image_size)
 
-    def decode(
-        self,
-        features: ImageFeatures,
-        prompt_embeddings: Optional[torch.Tensor],
-        image_index: torch.Tensor,
-        points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-        boxes: Optional[torch.Tensor] = None,
-        mask_inputs: Optional[torch.Tensor] = None,
-        multimask_output: bool = False,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        n = _check_decode_inputs(features, prompt_embeddings, image_index, points, boxes, mask_inputs)
-        if n == 0:
-            return self._decode_no_prompts(features, prompt_embeddings, multimask_output)
+    def _decode_prompts(self, features, prompt_embeddings, image_index, points, boxes, mask_inputs,
+                        multimask_output) -> Tuple[torch.Tensor, torch.Tensor]:
+        n = image_index.shape[0]
         device = features.image_embeddings.device
         if points is None:
             # SAM2 without clicks: one empty point labelled -1 (SAM2Base._forward_sam_heads)
@@ -151,8 +141,7 @@ class Sam2Segmenter(Segmenter):
             coords = torch.cat([boxes.reshape(n, 2, 2).float(), coords], dim=1)
             labels = torch.cat([box_labels, labels], dim=1)
         sparse, dense = self.prompt_encoder(points=(coords, labels), boxes=None, masks=mask_inputs)
-        if prompt_embeddings is not None:
-            sparse = torch.cat([sparse, prompt_embeddings.to(sparse.dtype)], dim=1)
+        sparse = self._append_custom_tokens(sparse, prompt_embeddings)
         selected = features.select(image_index)
         low_res_logits, iou_scores, _, _ = self.mask_decoder(
             image_embeddings=selected.image_embeddings,
