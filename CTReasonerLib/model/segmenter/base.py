@@ -133,7 +133,12 @@ class Segmenter(nn.Module):
     @property
     def low_res_mask_size(self) -> int:
         """Side of the logits ``decode`` returns (4x the image-embedding side)."""
-        raise NotImplementedError
+        return 4 * self.prompt_encoder.image_embedding_size[0]
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        """``encode`` takes (B, 3, S, S) model-frame images."""
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"images must be (B, 3, {self.image_size}, {self.image_size}), got {tuple(images.shape)}")
 
     def _decode_no_prompts(
         self, features: ImageFeatures, prompt_embeddings: Optional[torch.Tensor], multimask_output: bool

@@ -130,13 +130,8 @@ class SamSegmenter(Segmenter):
     def mask_decoder(self) -> MaskDecoder:
         return self.sam.mask_decoder
 
-    @property
-    def low_res_mask_size(self) -> int:
-        return 4 * self.prompt_encoder.image_embedding_size[0]
-
     def encode(self, images: torch.Tensor) -> ImageFeatures:
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"images must be (B, 3, {self.image_size}, {self.image_size}), got {tuple(images.shape)}")
+        self._check_images(images)
         pixels = (images * _PIXEL_SCALE - self.sam.pixel_mean) / self.sam.pixel_std
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_image_encoder):
             embeddings = self.image_encoder(pixels)

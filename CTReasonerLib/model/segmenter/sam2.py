@@ -107,13 +107,8 @@ class Sam2Segmenter(Segmenter):
     def mask_decoder(self) -> nn.Module:
         return self.model.sam_mask_decoder
 
-    @property
-    def low_res_mask_size(self) -> int:
-        return 4 * self.prompt_encoder.image_embedding_size[0]
-
     def encode(self, images: torch.Tensor) -> ImageFeatures:
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"images must be (B, 3, {self.image_size}, {self.image_size}), got {tuple(images.shape)}")
+        self._check_images(images)
         pixels = (images - self.pixel_mean) / self.pixel_std
         batch = images.shape[0]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_image_encoder):
