@@ -46,6 +46,37 @@ def test_collate_builds_round_two_rows_and_dedupes_images(samples):
     assert batch.mask_targets[4].mean() > 2 * batch.mask_targets[0].mean()
 
 
+def test_closer_look_crops_are_capped_per_batch(samples):
+    model = _model(samples)
+    closer = [disc_sample("seg", centre=(30 + i, 40), closer=True) for i in range(3)]
+    assert int(model.collate(closer).is_round2.sum()) == 3
+    model.config.closer_look.train_crops_per_batch = 1
+    capped = model.collate(closer)
+    assert int(capped.is_round2.sum()) == 1 and capped.images.shape[0] == 3 + 1
+
+
+def test_decision_tokens_weigh_more_in_the_lm_loss():
+    from CTReasonerLib.model.ctreasoner import IGNORE_INDEX, _lm_loss, decision_token_weights
+
+    ignore = IGNORE_INDEX
+    labels = torch.tensor([[ignore, ignore, 5, 6, 7, 99, ignore],     # answer "5 6 7 [SEG]"
+                           [ignore, 8, 9, ignore, 10, 11, ignore]])   # two supervised spans, no routing token
+    weights = decision_token_weights(labels, [99], 4.0)
+    expected = torch.ones(2, 7)
+    expected[0, 2] = expected[0, 5] = expected[1, 1] = expected[1, 4] = 4.0
+    torch.testing.assert_close(weights, expected)
+    assert decision_token_weights(labels, [99], 1.0) is None
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 120)
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 120), labels[:, 1:].reshape(-1),
+                                                  ignore_index=ignore, reduction="none").reshape(2, 6)
+    valid = labels[:, 1:] != ignore
+    w = weights[:, 1:] * valid
+    torch.testing.assert_close(_lm_loss(logits, labels, weights), (per_token * w).sum() / w.sum())
+    torch.testing.assert_close(_lm_loss(logits, labels), per_token[valid].mean())
+
+
 def test_training_step_overfits_and_every_head_gets_gradients(samples):
     torch.set_num_threads(1)
     model = _model(samples)

@@ -18,7 +18,7 @@ from CTReasonerLib.train.distributed import (DistributedContext, load_deepspeed_
                                              resolve_deepspeed_config)
 from CTReasonerLib.train.engine import TorchEngine, build_scheduler, schedule_factor
 from CTReasonerLib.train.metrics_log import read_metrics
-from CTReasonerLib.train.trainer import Trainer
+from CTReasonerLib.train.trainer import GroupedDistributedSampler, Trainer
 
 from fixtures_train import RegressionSamples, TwoHeadRegressor, regressor_config, weights_of
 
@@ -57,6 +57,9 @@ def test_config_yaml_overrides_and_type_checks(tmp_path):
 def test_shipped_configs_load():
     tiny = load_train_config(str(REPO / "configs" / "tiny_cpu.yaml"))
     assert tiny.model.source == "tiny" and tiny.data.phantoms and tiny.run.max_minutes <= 85
+    finetune = load_train_config(str(REPO / "configs" / "tiny_cpu_finetune.yaml"))
+    assert finetune.model.source == "pretrained" and finetune.data.records_per_slice > 1
+    assert finetune.run.max_minutes <= 85
     paper = load_train_config(str(REPO / "configs" / "qwen2_5_vl_3b_sam_vit_h.yaml"))
     assert paper.optim.lr == pytest.approx(3e-4) and paper.optim.betas == (0.9, 0.95)
     assert paper.optim.weight_decay == 0 and paper.optim.grad_accum_steps == 10 and paper.run.epochs == 40
@@ -176,6 +179,57 @@ def test_resume_continues_identically(tmp_path, stop_at):
     losses_a = [r["loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl", "train")][stop_at:]
     losses_b = [r["loss"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl", "train")]
     assert losses_b == pytest.approx(losses_a, rel=1e-6)
+
+
+def _grouped(keys, group_size, rank=0, world=1, epoch=0):
+    sampler = GroupedDistributedSampler(list(range(len(keys))), keys, group_size, num_replicas=world, rank=rank,
+                                        shuffle=True, seed=3)
+    sampler.set_epoch(epoch)
+    return sampler.epoch_indices()
+
+
+def test_grouped_sampler_keeps_slices_together_and_covers_every_record():
+    keys = [index % 7 for index in range(60)]           # 7 "slices" of 8 or 9 records
+    order = _grouped(keys, 4)
+    assert sorted(order) == list(range(60))
+    # walking the order, the key changes only at chunk boundaries: at most ceil(n/4) runs per key
+    runs = 1 + sum(keys[a] != keys[b] for a, b in zip(order, order[1:]))
+    assert runs <= sum(math.ceil(keys.count(k) / 4) for k in set(keys))
+    assert _grouped(keys, 4) == order and _grouped(keys, 4, epoch=1) != order   # depends on (seed, epoch) only
+    ranks = [_grouped(keys, 4, rank=r, world=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 30 and sorted(ranks[0] + ranks[1]) == list(range(60))
+    odd = [_grouped(keys[:59], 4, rank=r, world=2) for r in range(2)]
+    assert len(odd[0]) == len(odd[1]) == 30 and set(odd[0] + odd[1]) == set(range(59))   # padded, none lost
+    with pytest.raises(ValueError, match="group_keys has 3 entries"):
+        GroupedDistributedSampler(list(range(4)), [0, 1, 2], 2, num_replicas=1, rank=0)
+
+
+class _SliceRecords(RegressionSamples):
+    """RegressionSamples that look like a curated dataset to the trainer (records with subject and slice)."""
+
+    def __init__(self, count: int):
+        super().__init__(count=count)
+        self.records = [{"subject": f"s{i % 3}", "slice_index": i % 2} for i in range(count)]
+
+
+def test_slice_grouped_training_resumes_identically(tmp_path):
+    data = _SliceRecords(20)
+    run = dict(epochs=2, checkpoint_every=1, keep_last=10)
+    config = regressor_config(str(tmp_path / "straight"), **run)
+    config.data.records_per_slice = 3
+    straight = _fresh_model()
+    Trainer(straight, config, data).train()
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step-00000002"
+    resumed = TwoHeadRegressor.from_pretrained(str(checkpoint))
+    config_b = regressor_config(str(tmp_path / "resumed"), **run)
+    config_b.data.records_per_slice = 3
+    Trainer(resumed, config_b, data).train(resume_from=str(checkpoint))
+    for key, value in weights_of(straight).items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+    config_c = regressor_config(str(tmp_path / "plain"), **run)
+    config_c.data.records_per_slice = 3
+    with pytest.raises(ValueError, match="needs a curated dataset"):
+        Trainer(_fresh_model(), config_c, RegressionSamples(count=20))
 
 
 def test_validation_runs_on_a_fixed_subset_without_disturbing_training(tmp_path):
@@ -335,3 +389,17 @@ def test_tiny_model_resume_and_merge(tmp_path, tiny_dataset, monkeypatch):
     assert not reloaded.training
     with pytest.raises(ConfigError, match="not empty"):
         merge_checkpoint(str(straight.final_checkpoint), str(merged))
+
+
+def test_fine_tuning_may_change_losses_and_closer_look_but_not_the_architecture():
+    from CTReasonerLib.commands.train import training_overrides
+    from CTReasonerLib.model.config import CTReasonerConfig
+
+    base = CTReasonerConfig()
+    tuned = training_overrides(base, {"loss": {"lm_decision": 5.0}, "closer_look": {"train_crops_per_batch": 2}})
+    assert tuned.loss.lm_decision == 5.0 and tuned.closer_look.train_crops_per_batch == 2
+    assert tuned.loss.seg == base.loss.seg and tuned.segmenter == base.segmenter
+    with pytest.raises(ConfigError, match="sets segmenter for a pretrained model"):
+        training_overrides(base, {"segmenter": {"image_size": 512}})
+    with pytest.raises(ConfigError, match="unknown model config key"):
+        training_overrides(base, {"loss": {"lm_decisoin": 2.0}})

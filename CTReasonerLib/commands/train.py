@@ -116,6 +116,27 @@ def build_phantom_dataset(root: Path, phantoms: int, seed: int) -> None:
                           f"run `ctreasoner curate --phantoms {phantoms} --seed {seed} --out {root}` to see why")
 
 
+#: model.config sections a fine-tuning run may change on a saved model (the rest is its architecture)
+FINE_TUNE_SECTIONS = ("loss", "closer_look")
+
+
+def training_overrides(model_config, overrides):
+    """``model_config`` with ``overrides`` (model.config of the training file) applied; only the
+    sections in FINE_TUNE_SECTIONS may change, since the weights fix everything else."""
+    from ..model.config import CTReasonerConfig
+
+    fixed = sorted(set(overrides or {}) - set(FINE_TUNE_SECTIONS))
+    if fixed:
+        raise ConfigError(f"model.config sets {', '.join(fixed)} for a pretrained model, whose weights fix them",
+                          f"a fine-tuning config may only change {', '.join(FINE_TUNE_SECTIONS)}")
+    merged = model_config.to_dict()
+    for section, values in (overrides or {}).items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"model.config.{section} must be a mapping, got {values!r}")
+        merged[section] = {**merged[section], **values}
+    return CTReasonerConfig.from_dict(merged)
+
+
 def build_model(config, train_set, device, resume_from=None):
     """The model to train, in fp32 (autocast handles bf16): from a checkpoint, a model folder, or new."""
     import torch
@@ -123,9 +144,13 @@ def build_model(config, train_set, device, resume_from=None):
     from ..model.config import CTReasonerConfig
     from ..model.ctreasoner import CTReasonerModel, dataset_corpus
 
-    if resume_from or config.model.source == "pretrained":
-        folder = resume_from or config.model.pretrained
-        return CTReasonerModel.from_pretrained(folder, device=device, dtype=torch.float32, trainable=True)
+    if resume_from:
+        return CTReasonerModel.from_pretrained(resume_from, device=device, dtype=torch.float32, trainable=True)
+    if config.model.source == "pretrained":
+        model = CTReasonerModel.from_pretrained(config.model.pretrained, device=device, dtype=torch.float32,
+                                                trainable=True)
+        model.config = training_overrides(model.config, config.model.config)
+        return model
     model_config = CTReasonerConfig.from_dict(config.model.config)
     if config.model.source == "tiny" and not model_config.is_tiny:
         raise ConfigError("model.source is 'tiny' but model.config.lvlm.path is set",

@@ -77,12 +77,18 @@ class CloserLookConfig:
     jitter: float = 0.15
     min_roi: int = 32
     query: str = "Have a closer look at the {name}."
+    #: training only: at most this many round-2 crops per batch (None: every closer-look sample). Each
+    #: crop is a new image for the encoder, so on a CPU the cap keeps round 2 from dominating a step.
+    train_crops_per_batch: Optional[int] = None
 
 
 @dataclass
 class LossWeights:
     """Eq. 10 weights and the parts of the seg/det losses ("all equally", paper §5.1)."""
     lm: float = 1.0
+    #: relative weight, inside the LM loss, of the tokens that decide what happens: the first token of
+    #: every supervised answer (present or absent) and the routing tokens. 1 = the paper's plain token mean.
+    lm_decision: float = 1.0
     seg: float = 1.0
     det: float = 1.0
     seg_bce: float = 1.0

@@ -204,7 +204,8 @@ class CTReasonerModel(nn.Module):
                 boxes = transform.boxes_to_model(torch.as_tensor(np.asarray(sample.boxes), dtype=torch.float32)) / size
                 row.boxes = _xyxy_to_cxcywh(boxes.clamp(0, 1))
             rows.append(row)
-            if len(turns) > 1 and sample.present:
+            crop_cap = closer.train_crops_per_batch
+            if len(turns) > 1 and sample.present and (crop_cap is None or len(round2) < crop_cap):
                 roi = roi_from_mask(sample.mask, margin=closer.margin, min_size_px=closer.min_roi, jitter=closer.jitter)
                 crop = crop_and_resize(channels, roi, canonical)
                 target = crop_and_resize(sample.mask, roi, canonical)[0]
@@ -241,7 +242,8 @@ class CTReasonerModel(nn.Module):
         weights = self.config.loss
         batch = batch.to(self.device)
         logits, hidden = self.lvlm(batch.lvlm)
-        lm = _lm_loss(logits, batch.lvlm.labels)
+        lm = _lm_loss(logits, batch.lvlm.labels, decision_token_weights(
+            batch.lvlm.labels, self.lvlm.routing_token_ids.values(), self.config.loss.lm_decision))
 
         features = self.segmenter.encode(batch.images.to(self.token_type_embedding.weight.dtype))
         # [SEG] (round 1) and [CLOSER] (round 2) prompts decode together; each row's target is in its own frame.
@@ -302,13 +304,33 @@ class CTReasonerModel(nn.Module):
         return self.segmenter.decode(features, prompts[:, None], image_index)
 
 
-def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token cross-entropy over supervised answer tokens (next-token shift), in fp32."""
+def decision_token_weights(labels: torch.Tensor, routing_token_ids: Iterable[int], weight: float) -> Optional[torch.Tensor]:
+    """(B, T) LM-loss weights: ``weight`` at the first token of every supervised answer span (where the
+    model commits to "present" or "absent") and at routing tokens, 1 elsewhere; None when ``weight`` is 1."""
+    if weight == 1.0:
+        return None
+    supervised = labels != IGNORE_INDEX
+    first = supervised.clone()
+    first[:, 1:] &= ~supervised[:, :-1]
+    routing = torch.isin(labels, torch.tensor(sorted(routing_token_ids), device=labels.device))
+    return torch.where(first | routing, float(weight), 1.0)
+
+
+def _lm_loss(logits: torch.Tensor, labels: torch.Tensor, token_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Token cross-entropy over supervised answer tokens (next-token shift), in fp32.
+
+    token_weights: optional (B, T) weights aligned with ``labels``; the loss is then their weighted mean.
+    """
     shifted = logits[:, :-1].float()
     targets = labels[:, 1:].to(logits.device)
     if (targets != IGNORE_INDEX).sum() == 0:
         return shifted.sum() * 0.0
-    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    if token_weights is None:
+        return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    per_token = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="none")
+    weights = token_weights[:, 1:].reshape(-1).to(per_token) * (targets.reshape(-1) != IGNORE_INDEX)
+    return (per_token * weights).sum() / weights.sum()
 
 
 def _iou_prediction_loss(logits: torch.Tensor, predicted_iou: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

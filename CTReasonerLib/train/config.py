@@ -49,6 +49,9 @@ class DataSection:
     phantom_seed: int = 0
     batch_size: int = 4
     num_workers: int = 0
+    #: >1 fills batches with chunks of up to this many records of the same slice, so one image-encoder
+    #: pass serves several queries (see ``GroupedDistributedSampler``); 1 shuffles records independently.
+    records_per_slice: int = 1
 
 
 @dataclass
@@ -108,6 +111,7 @@ class TrainConfig:
             (bool(self.data.root), "data.root (the curated dataset folder) is not set"),
             (self.data.batch_size >= 1, f"data.batch_size must be >= 1, got {self.data.batch_size}"),
             (self.data.num_workers >= 0, f"data.num_workers must be >= 0, got {self.data.num_workers}"),
+            (self.data.records_per_slice >= 1, f"data.records_per_slice must be >= 1, got {self.data.records_per_slice}"),
             (self.data.phantoms is None or self.data.phantoms >= 1, "data.phantoms must be >= 1 when set"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
             (len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas),

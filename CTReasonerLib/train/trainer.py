@@ -61,11 +61,58 @@ class SkippingDistributedSampler(DistributedSampler):
         super().__init__(*args, **kwargs)
         self.skip = 0
 
+    def epoch_indices(self) -> List[int]:
+        """This rank's indices for the current epoch, before skipping."""
+        return list(super().__iter__())
+
     def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.skip:])
+        return iter(self.epoch_indices()[self.skip:])
 
     def __len__(self) -> int:
         return super().__len__() - self.skip
+
+
+class GroupedDistributedSampler(SkippingDistributedSampler):
+    """Orders an epoch so that consecutive indices come in chunks of up to ``group_size`` that share a key.
+
+    With ``group_keys`` = each record's (subject, slice), a batch holds several queries about the same
+    few slices: ``CTReasonerModel.collate`` encodes each distinct slice once, so the expensive image
+    encoder's cost is spread over every query on it (SAM trains with many prompts per image for the
+    same reason). Every record still appears once per epoch; chunk order and membership depend only on
+    (seed, epoch), so resume stays exact. Ranks take contiguous blocks of the padded order.
+    """
+
+    def __init__(self, dataset, group_keys: Sequence[Any], group_size: int, **kwargs):
+        super().__init__(dataset, **kwargs)
+        if len(group_keys) != len(dataset):
+            raise ValueError(f"group_keys has {len(group_keys)} entries for a dataset of {len(dataset)}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.group_size = group_size
+        members: Dict[Any, List[int]] = {}
+        for index, key in enumerate(group_keys):
+            members.setdefault(key, []).append(index)
+        self.groups = list(members.values())
+
+    def epoch_indices(self) -> List[int]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        chunks = []
+        for members in self.groups:
+            members = list(members)
+            rng.shuffle(members)
+            chunks += [members[i:i + self.group_size] for i in range(0, len(members), self.group_size)]
+        rng.shuffle(chunks)
+        order = [index for chunk in chunks for index in chunk]
+        order += order[:self.total_size - len(order)]          # pad so every rank gets num_samples
+        return order[self.rank * self.num_samples:(self.rank + 1) * self.num_samples]
+
+
+def slice_group_keys(dataset) -> List[Any]:
+    """(subject, slice index) of every record of a ``CuratedDataset``: the key for slice-grouped batches."""
+    records = getattr(dataset, "records", None)
+    if records is None:
+        raise ValueError("data.records_per_slice > 1 needs a curated dataset (records with subject and slice_index)")
+    return [(record["subject"], record["slice_index"]) for record in records]
 
 
 def seed_everything(seed: int) -> None:
@@ -111,8 +158,12 @@ class Trainer:
         self.validate_fn = validate_fn
         if len(train_dataset) == 0:
             raise ValueError("the training split is empty")
-        self.sampler = SkippingDistributedSampler(train_dataset, num_replicas=self.context.world_size,
-                                                  rank=self.context.rank, shuffle=True, seed=config.seed)
+        sampler_args = dict(num_replicas=self.context.world_size, rank=self.context.rank, shuffle=True, seed=config.seed)
+        if config.data.records_per_slice > 1:
+            self.sampler = GroupedDistributedSampler(train_dataset, slice_group_keys(train_dataset),
+                                                     config.data.records_per_slice, **sampler_args)
+        else:
+            self.sampler = SkippingDistributedSampler(train_dataset, **sampler_args)
         self.batches_per_epoch = math.ceil(len(self.sampler) / config.data.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.optim.grad_accum_steps)
         epoch_steps = config.run.epochs * self.steps_per_epoch
