@@ -54,23 +54,17 @@ def summary(tmp_path_factory):
     import torch
 
     from CTReasonerLib.cli import main as cli_main
-    from CTReasonerLib.data.dataset import CuratedDataset
-    from CTReasonerLib.eval.evaluate import EvalSettings, evaluate, stratified_subset
-    from CTReasonerLib.eval.report import write_report
-    from CTReasonerLib.model.ctreasoner import CTReasonerModel
-    from CTReasonerLib.model.inference import CTReasonerPipeline
+    from CTReasonerLib.eval.evaluate import EvalSettings, evaluate_model
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("held-out") / "phantoms"
     assert cli_main(["curate", "--phantoms", str(HELD_OUT_PHANTOMS), "--seed", str(HELD_OUT_SEED),
                      "--out", str(root), "--no-progress"]) == 0
-    samples = [sample for split in ("train", "val", "test") for sample in CuratedDataset(root, split)]
-    chosen = stratified_subset([{"organ": s.organ, "task": s.task} for s in samples], RECORDS)
-    model = CTReasonerModel.from_pretrained(str(MODEL_DIR), device="cpu").eval()
-    result, outcomes = evaluate(CTReasonerPipeline(model), [samples[i] for i in chosen],
-                                EvalSettings(closer_ablation=True), progress=False)
-    result["run"] = {"model": str(MODEL_DIR), "dataset": f"phantoms seeds {HELD_OUT_SEED}+", "split": "all"}
-    write_report(str(root.parent / "report"), result)  # kept in pytest's tmp folder for a failed run
+    # the same as `ctreasoner eval MODEL ROOT --split all --limit 252` (the model card's command);
+    # the report stays in pytest's tmp folder for a failed run
+    result, _ = evaluate_model(str(MODEL_DIR), str(root), split="all", out_dir=str(root.parent / "report"),
+                               settings=EvalSettings(closer_ablation=True), limit=RECORDS, device="cpu",
+                               progress=False)
     return result
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="a model folder (Resources/Models/CTReasoner-Tiny, a merge output or a checkpoint)")
     parser.add_argument("dataset", metavar="DATASET", help="a curated dataset folder (ctreasoner curate output)")
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default test)")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+                        help="split to evaluate (default test); all: every split, for a held-out dataset")
     parser.add_argument("--out", metavar="DIR", help="report folder (default outputs/eval/<model>-<split>)")
     parser.add_argument("--no-closer-ablation", action="store_true",
                         help="skip the round-1 scoring of the Table 4 ablation (final masks still use the closer look)")

@@ -173,19 +173,23 @@ def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_di
                    settings: Optional[EvalSettings] = None, limit: Optional[int] = None, device: str = "auto",
                    progress: bool = True):
     """Load a model folder, evaluate it on a dataset split, write the report; returns (summary, paths)."""
-    from CTReasonerLib.data.dataset import CuratedDataset
+    from CTReasonerLib.data.dataset import SPLITS, CuratedDataset
     from CTReasonerLib.model.ctreasoner import CTReasonerModel
     from CTReasonerLib.model.inference import CTReasonerPipeline
 
     from .report import write_report
 
-    dataset = CuratedDataset(dataset_dir, split)
-    indices = stratified_subset(dataset.records, limit)
+    # "all": every split in order (held-out phantom sets, whose subjects were never trained on)
+    splits = SPLITS if split == "all" else (split,)
+    datasets = [CuratedDataset(dataset_dir, name) for name in splits]
+    records = [(dataset, index) for dataset in datasets for index in range(len(dataset))]
+    indices = stratified_subset([dataset.records[index] for dataset, index in records], limit)
     model = CTReasonerModel.from_pretrained(model_dir, device=device).eval()
     settings = settings or EvalSettings()
-    summary, outcomes = evaluate(CTReasonerPipeline(model), [dataset[i] for i in indices], settings, progress)
+    samples = [records[i][0][records[i][1]] for i in indices]
+    summary, outcomes = evaluate(CTReasonerPipeline(model), samples, settings, progress)
     summary["run"] = {"model": str(model_dir), "dataset": str(dataset_dir), "split": split,
-                      "records_in_split": len(dataset), "records_evaluated": len(indices)}
+                      "records_in_split": len(records), "records_evaluated": len(indices)}
     paths = write_report(out_dir, summary, [asdict(o) for o in outcomes]) if out_dir else {}
     return summary, paths
 
