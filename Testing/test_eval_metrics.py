@@ -2,6 +2,8 @@
 the per-record scoring of chat results, and the Markdown/JSON report."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import json
 import math
 from dataclasses import dataclass, field
@@ -133,22 +135,32 @@ class FakeSample:
 class ScriptedPipeline:
     """Answers each query from its sample: round 1 = the target eroded by 2 px, the closer look = the target.
 
-    Detection returns the true boxes; ``wrong_routing`` ids get [DET] for a seg query.
+    Detection returns the true boxes scored ``det_score``, and for absent targets one stray box scored
+    ``absent_box_score`` (as a DETR head's unmatched queries do); both are cut at the caller's
+    ``score_threshold``. ``wrong_routing`` ids get [DET] for a seg query.
     """
 
-    def __init__(self, samples, wrong_routing=()):
+    config = SimpleNamespace(detection=SimpleNamespace(score_threshold=0.5))
+
+    def __init__(self, samples, wrong_routing=(), det_score=0.9, absent_box_score=0.2):
         self.by_query = {s.turns[0]["query"]: s for s in samples}
         self.wrong_routing = set(wrong_routing)
+        self.det_score, self.absent_box_score = det_score, absent_box_score
         self.calls = []
+        self.score_thresholds = set()
 
-    def chat(self, image_hu, query, history, closer_look=False) -> ChatResult:
+    def chat(self, image_hu, query, history, closer_look=False, score_threshold=None) -> ChatResult:
         sample = self.by_query[query]
         self.calls.append((sample.id, closer_look))
+        self.score_thresholds.add(score_threshold)
+        threshold = self.config.detection.score_threshold if score_threshold is None else score_threshold
         if sample.task == "absent":
-            return ChatResult(text="not visible", absent=True)
+            stray = [BoxPrediction(sample.organ, np.array([1, 1, 5, 5]), self.absent_box_score)]
+            return ChatResult(text="not visible", absent=True,
+                              boxes=[b for b in stray if b.score >= threshold])
         if sample.task == "det":
-            boxes = [BoxPrediction(sample.organ, b, 0.9) for b in sample.boxes]
-            return ChatResult(text="found", routing_tokens=["[DET]"], boxes=boxes)
+            boxes = [BoxPrediction(sample.organ, b, self.det_score) for b in sample.boxes]
+            return ChatResult(text="found", routing_tokens=["[DET]"], boxes=[b for b in boxes if b.score >= threshold])
         eroded = ndimage.binary_erosion(sample.mask, iterations=2)
         masks = [MaskPrediction(sample.organ, eroded, probability=eroded.astype(np.float32), round=1)]
         tokens = ["[DET]"] if sample.id in self.wrong_routing else ["[SEG]"]
@@ -208,6 +220,18 @@ def test_evaluate_scores_every_table_and_the_report_renders(tmp_path):
     saved = json.loads(paths["results"].read_text())
     assert saved["detection"]["per_organ"]["duodenum"]["ap"] == pytest.approx(1.0)
     assert len(paths["samples"].read_text().splitlines()) == 42
+
+
+def test_ap_ranks_boxes_below_the_display_threshold_but_absent_targets_count_only_shown_boxes():
+    samples = _scenario()
+    low = ScriptedPipeline(samples, det_score=0.3)
+    summary, _ = evaluate(low, samples, EvalSettings(closer_ablation=False), progress=False)
+    assert low.score_thresholds == {EvalSettings().ap_score_floor}
+    assert summary["detection"]["map"] == pytest.approx(1.0)      # a 0.3-scored true box still ranks
+    assert summary["absent"]["accuracy"] == 1.0                    # the 0.2 stray box is never shown
+    shown = ScriptedPipeline(samples, absent_box_score=0.6)
+    summary, _ = evaluate(shown, samples, EvalSettings(closer_ablation=False), progress=False)
+    assert summary["absent"]["accuracy"] == 0.0                    # a box a user would see is an error
 
 
 def test_report_without_ablation_and_with_missing_organs():

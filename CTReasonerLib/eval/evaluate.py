@@ -62,6 +62,10 @@ class EvalSettings:
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM
     iou_threshold: float = PAPER_IOU_THRESHOLD
     mask_threshold: float = 0.5
+    #: AP ranks every query box scoring at least this (COCO-style: the precision-recall curve is not cut
+    #: at the display threshold). Absent-target accuracy still counts only boxes a user would be shown
+    #: (``detection.score_threshold`` of the model).
+    ap_score_floor: float = 0.05
 
 
 def final_masks(result: ChatResult, round_: Optional[int] = None):
@@ -97,7 +101,8 @@ def evaluate_sample(pipeline, sample, metrics: SegmentationMetrics, settings: Ev
     query = sample.turns[0]["query"]
     # Absent targets phrased as seg queries get the same request: the model must not know the answer.
     want_closer = sample.query_task == "seg"
-    result = pipeline.chat(image, query, [], closer_look=want_closer)
+    result = pipeline.chat(image, query, [], closer_look=want_closer, score_threshold=settings.ap_score_floor)
+    shown_boxes = [b for b in result.boxes if b.score >= pipeline.config.detection.score_threshold]
     outcome = SampleOutcome(id=sample.id, organ=sample.organ, task=sample.task, query_task=sample.query_task,
                             routing_tokens=list(result.routing_tokens),
                             routing_correct=routing_correct(sample.task, sample.query_task, result.routing_tokens),
@@ -106,7 +111,7 @@ def evaluate_sample(pipeline, sample, metrics: SegmentationMetrics, settings: Ev
     shape = image.shape
     mask, probability = union_mask(final_masks(result), shape)
     if sample.task == "absent":
-        outcome.absent_correct = outcome.routing_correct and not mask.any() and not result.boxes
+        outcome.absent_correct = outcome.routing_correct and not mask.any() and not shown_boxes
     if sample.task == "seg":
         target = sample.mask
         outcome.target_area_mm2 = float(target.sum() * np.prod(sample.spacing))

@@ -67,7 +67,8 @@ def render_report(summary: Dict[str, Any], title: str = "CTReasoner evaluation")
     lines += [f"- Model: `{run.get('model', '?')}`", f"- Dataset: `{run.get('dataset', '?')}`, split `{run.get('split', '?')}`",
               f"- Records: {counts['seg']} segmentation, {counts['det']} detection, {counts['absent']} absent-target",
               f"- HD95 in mm (a missed organ scores the slice diagonal); NSD tolerance {settings['nsd_tolerance_mm']:g} mm; "
-              f"AP at IoU {settings['iou_threshold']:g}; masks thresholded at {settings['mask_threshold']:g}",
+              f"AP at IoU {settings['iou_threshold']:g} over every box scoring >= {settings.get('ap_score_floor', 0.0):g}; "
+              f"masks thresholded at {settings['mask_threshold']:g}",
               f"- Time: {summary['timing']['seconds_total']:.1f} s ({summary['timing']['seconds_per_sample']:.3f} s per record)",
               ""]
 
