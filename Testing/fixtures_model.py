@@ -47,5 +47,8 @@ def disc_sample(task: str, organ: str = "liver", centre=(40, 30), radius: int = 
     if closer:
         turns.append({"query": f"Have a closer look at the {name}.",
                       "answer": f"Zooming in on the {name}. [CLOSER]"})
-    return SimpleNamespace(image_hu=image, mask=mask, boxes=np.array(boxes, np.float32).reshape(-1, 4),
+    from CTReasonerLib.organs import ORGAN_BY_KEY
+
+    labels = mask.astype(np.uint8) * ORGAN_BY_KEY[organ].label
+    return SimpleNamespace(image_hu=image, mask=mask, labels=labels, boxes=np.array(boxes, np.float32).reshape(-1, 4),
                            turns=turns, task=task, present=present, organ=organ)

@@ -55,6 +55,56 @@ def test_closer_look_crops_are_capped_per_batch(samples):
     assert int(capped.is_round2.sum()) == 1 and capped.images.shape[0] == 3 + 1
 
 
+def test_auxiliary_heads_read_the_whole_label_map(samples):
+    from CTReasonerLib.organs import ORGAN_BY_KEY
+
+    torch.set_num_threads(1)
+    model = _model(samples)
+    batch = model.collate(samples)
+    # images: the seg/absent slice (shared), the det slice, the crop; round-1 slices carry class fractions
+    assert batch.organ_valid.tolist() == [True, True, False]
+    liver = ORGAN_BY_KEY["liver"].label
+    seg_image = int(batch.sequence_image[0])
+    fractions = batch.organ_targets[seg_image]
+    torch.testing.assert_close(fractions.sum(0), torch.ones_like(fractions[0]))
+    assert 0.03 < float(fractions[liver].mean()) < 0.2 and float(fractions[ORGAN_BY_KEY["spleen"].label].sum()) == 0
+    assert batch.presence_valid.tolist() == [True, True, True, False]
+    assert batch.presence_targets[0, liver - 1] == 1 and batch.presence_targets[0].sum() == 1
+    assert batch.presence_targets[2].sum() == 0
+
+    model.config.loss.seg_dense = model.config.loss.presence = 1.0
+    model.train()
+    out = model.training_step(batch)
+    assert out["seg_dense"] > 0 and out["presence"] > 0
+    out["loss"].backward()
+    for part in (model.dense_head, model.presence_head, model.segmenter.image_encoder):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
+    first = (float(out["seg_dense"]), float(out["presence"]))
+    for _ in range(10):
+        optimizer.step()
+        optimizer.zero_grad()
+        out = model.training_step(batch)
+        out["loss"].backward()
+    assert float(out["seg_dense"]) < first[0] and float(out["presence"]) < first[1]
+
+
+def test_folders_saved_before_the_auxiliary_heads_still_load(samples, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _model(samples)
+    model.save_pretrained(str(tmp_path))
+    weights = tmp_path / "perception.safetensors"
+    old = {k: v for k, v in load_file(str(weights)).items() if not k.startswith(("dense_head.", "presence_head."))}
+    save_file(old, str(weights))
+    reloaded = CTReasonerModel.from_pretrained(str(tmp_path), device="cpu")
+    torch.testing.assert_close(reloaded.projector[0].weight, model.projector[0].weight)
+    del old["projector.0.weight"]
+    save_file(old, str(weights))
+    with pytest.raises(Exception, match="does not match the model config"):
+        CTReasonerModel.from_pretrained(str(tmp_path), device="cpu")
+
+
 def test_decision_tokens_weigh_more_in_the_lm_loss():
     from CTReasonerLib.model.ctreasoner import IGNORE_INDEX, _lm_loss, decision_token_weights
 

@@ -101,6 +101,11 @@ class LossWeights:
     #: SAM-style interactive refinement (clicks, box, previous mask; no routing token) that trains the
     #: prompt-encoder path the service's ``refine`` uses. Not in the paper; 0 disables it.
     interactive: float = 1.0
+    #: auxiliary dense organ classification of the image embedding (``model/auxiliary.py``); not in the
+    #: paper, 0 disables it. It stands in for the encoder pretraining a from-scratch tiny SAM lacks.
+    seg_dense: float = 0.0
+    #: auxiliary multi-label organ presence from the LVLM's image-token states; 0 disables it.
+    presence: float = 0.0
 
 
 @dataclass

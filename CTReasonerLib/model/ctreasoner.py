@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from CTReasonerLib.errors import InputFileError
+from CTReasonerLib.model.auxiliary import (DenseOrganHead, PresenceHead, dense_organ_loss, organ_label_channels,
+                                           organ_presence, presence_loss)
 from CTReasonerLib.model.closer_look import crop_and_resize, roi_from_mask
 from CTReasonerLib.model.config import CTReasonerConfig
 from CTReasonerLib.model.detection import DetectionHead, HungarianMatcher
@@ -31,11 +33,16 @@ from CTReasonerLib.model.image_processing import ResizeToSquare, slice_to_channe
 from CTReasonerLib.model.lvlm import Conversation, LVLMAdapter, LVLMBatch, build_lvlm, load_lvlm
 from CTReasonerLib.model.projector import build_projector
 from CTReasonerLib.model.routing import ROUTING_TOKENS
+from CTReasonerLib.organs import NUM_ORGANS
 from CTReasonerLib.model.segmenter import Segmenter, build_segmenter
 
 LVLM_FOLDER = "lvlm"
 PERCEPTION_WEIGHTS = "perception.safetensors"
 IGNORE_INDEX = -100
+#: training-only heads; folders saved before they existed load with them freshly initialised
+AUXILIARY_HEADS = ("dense_head.", "presence_head.")
+#: side of the stored dense organ targets (the dense head's output is 4x the embedding side, e.g. 128)
+DENSE_TARGET_SIDE = 256
 
 
 @dataclass
@@ -49,6 +56,9 @@ class TrainingBatch:
     click_points: (B, 1, 2) a model-frame point inside the target (for the interactive-refinement loss).
     boxes_xyxy: (B, 4) model-frame ground-truth boxes of the target (jittered), for the same loss.
     is_round2: (B,) bool.
+    organ_targets: (U, NUM_ORGANS + 1, s, s) class fractions of each image (s = min(S, 256)), for the dense
+        auxiliary loss; organ_valid (U,) bool says which images have them (round-1 slices with labels).
+    presence_targets: (B, NUM_ORGANS) 0/1, the organs on each row's slice; presence_valid (B,) bool.
     """
     lvlm: LVLMBatch
     images: torch.Tensor
@@ -58,11 +68,17 @@ class TrainingBatch:
     click_points: torch.Tensor
     boxes_xyxy: torch.Tensor
     is_round2: torch.Tensor
+    organ_targets: torch.Tensor
+    organ_valid: torch.Tensor
+    presence_targets: torch.Tensor
+    presence_valid: torch.Tensor
 
     def to(self, device) -> "TrainingBatch":
         return TrainingBatch(self.lvlm.to(device), self.images.to(device), self.sequence_image.to(device),
                              self.mask_targets.to(device), [b.to(device) for b in self.box_targets],
-                             self.click_points.to(device), self.boxes_xyxy.to(device), self.is_round2.to(device))
+                             self.click_points.to(device), self.boxes_xyxy.to(device), self.is_round2.to(device),
+                             self.organ_targets.to(device), self.organ_valid.to(device),
+                             self.presence_targets.to(device), self.presence_valid.to(device))
 
 
 @dataclass
@@ -74,6 +90,8 @@ class _Row:
     mask: torch.Tensor = None                     # (S, S) float or None
     boxes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 4))
     round2: bool = False
+    labels: Optional[np.ndarray] = None            # (H, W) organ labels of a round-1 slice, when known
+    transform: Optional[ResizeToSquare] = None
 
 
 class CTReasonerModel(nn.Module):
@@ -90,6 +108,8 @@ class CTReasonerModel(nn.Module):
         self.projector = build_projector(lvlm.hidden_size, config.projector_dim)
         self.token_type_embedding = nn.Embedding(len(ROUTING_TOKENS), config.projector_dim)
         nn.init.zeros_(self.token_type_embedding.weight)
+        self.dense_head = DenseOrganHead(segmenter.prompt_dim)
+        self.presence_head = PresenceHead(lvlm.hidden_size)
         self.matcher = HungarianMatcher()
 
     # ---- construction and persistence --------------------------------------------------------
@@ -153,6 +173,7 @@ class CTReasonerModel(nn.Module):
         model = cls(config, lvlm, build_segmenter(config.segmenter), DetectionHead(config.detection))
         missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
         expected_missing = set(model.state_dict()) - set(model.perception_state_dict())
+        expected_missing |= {name for name in missing if name.startswith(AUXILIARY_HEADS)}
         if unexpected or set(missing) - expected_missing:
             raise InputFileError(f"{weights} does not match the model config "
                                  f"(missing {sorted(set(missing) - expected_missing)[:5]}, unexpected {unexpected[:5]})",
@@ -197,7 +218,8 @@ class CTReasonerModel(nn.Module):
             key = hashlib.sha1(np.ascontiguousarray(hu).tobytes()).hexdigest()
             image, transform, channels = self.slice_input(hu)
             turns = [(t["query"], t["answer"]) for t in sample.turns]
-            row = _Row(Conversation(image, turns[:1]), key, image)
+            row = _Row(Conversation(image, turns[:1]), key, image, labels=getattr(sample, "labels", None),
+                       transform=transform)
             if sample.task == "seg":
                 row.mask = transform.masks(sample.mask)[0]
             elif sample.task == "det" and len(sample.boxes):
@@ -216,11 +238,14 @@ class CTReasonerModel(nn.Module):
             raise ValueError("closer_look.canonical_size must equal the segmenter image size for batched training")
 
         unique: Dict[str, int] = {}
-        images = []
+        images, organ_rows = [], []
         for row in rows:
             if row.image_key not in unique:
                 unique[row.image_key] = len(images)
                 images.append(row.image)
+                organ_rows.append(row)
+        organ_targets, organ_valid = _dense_organ_targets(organ_rows, min(size, DENSE_TARGET_SIDE))
+        presence = [organ_presence(row.labels) if row.labels is not None else None for row in rows]
         masks = torch.stack([row.mask if row.mask is not None else torch.zeros(size, size) for row in rows])
         clicks, boxes = zip(*(_interactive_prompts(row.mask, size) for row in rows))
         return TrainingBatch(
@@ -231,7 +256,11 @@ class CTReasonerModel(nn.Module):
             box_targets=[row.boxes for row in rows],
             click_points=torch.stack(clicks),
             boxes_xyxy=torch.stack(boxes),
-            is_round2=torch.tensor([row.round2 for row in rows]))
+            is_round2=torch.tensor([row.round2 for row in rows]),
+            organ_targets=organ_targets,
+            organ_valid=organ_valid,
+            presence_targets=torch.stack([p if p is not None else torch.zeros(NUM_ORGANS) for p in presence]),
+            presence_valid=torch.tensor([p is not None for p in presence]))
 
     def training_step(self, batch: TrainingBatch) -> Dict[str, torch.Tensor]:
         """Eq. 10: LM cross-entropy + λseg (BCE + Dice, both rounds) + λdet (L1 + GIoU + objectness),
@@ -269,16 +298,22 @@ class CTReasonerModel(nn.Module):
                detection_loss(outputs, [{"boxes": batch.box_targets[int(r)]} for r in det_rows], self.matcher).items()}
 
         interactive = self._interactive_loss(features, batch, low_res.detach(), seg_rows, seg_weight)
+        dense = dense_organ_loss(self.dense_head(features.image_embeddings), batch.organ_targets, batch.organ_valid)
+        image_tokens = batch.lvlm.input_ids == self.lvlm.image_token_id
+        presence = presence_loss(self.presence_head(hidden, image_tokens), batch.presence_targets,
+                                 batch.presence_valid)
         total = (weights.lm * lm
                  + weights.seg * (weights.seg_bce * seg["bce"] + weights.seg_dice * seg["dice"]
                                   + weights.seg_iou * seg["iou"])
                  + weights.det * (weights.det_l1 * det["l1"] + weights.det_giou * det["giou"]
                                   + weights.det_objectness * det["objectness"])
-                 + weights.interactive * interactive)
+                 + weights.interactive * interactive
+                 + weights.seg_dense * dense + weights.presence * presence)
         return {"loss": total, "lm": lm.detach(), "seg_bce": seg["bce"].detach(), "seg_dice": seg["dice"].detach(),
                 "seg_iou": seg["iou"].detach(),
                 "det_l1": det["l1"].detach(), "det_giou": det["giou"].detach(),
-                "det_objectness": det["objectness"].detach(), "interactive": interactive.detach()}
+                "det_objectness": det["objectness"].detach(), "interactive": interactive.detach(),
+                "seg_dense": dense.detach(), "presence": presence.detach()}
 
     def _interactive_loss(self, features, batch: TrainingBatch, round1_logits: torch.Tensor,
                           seg_rows: torch.Tensor, weight: float) -> torch.Tensor:
@@ -350,6 +385,20 @@ def _keep_graph_alive(prompts: torch.Tensor, rows: torch.Tensor, dummy_prompt: t
     if len(rows):
         return prompts, rows
     return dummy_prompt, torch.zeros(1, dtype=torch.long, device=dummy_prompt.device)
+
+
+def _dense_organ_targets(rows: Sequence[_Row], side: int):
+    """Per unique image: (NUM_ORGANS + 1, side, side) class fractions in the model frame, and whether
+    it has them (round-1 slices with a label map; crops and unlabelled samples do not)."""
+    targets = torch.zeros(len(rows), NUM_ORGANS + 1, side, side)
+    valid = torch.zeros(len(rows), dtype=torch.bool)
+    for index, row in enumerate(rows):
+        if row.labels is None or row.round2 or row.transform is None:
+            continue
+        channels = row.transform.masks(organ_label_channels(row.labels))
+        targets[index] = F.interpolate(channels[None], size=(side, side), mode="area")[0]
+        valid[index] = True
+    return targets, valid
 
 
 def _xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,90 @@
+"""Auxiliary training heads: dense supervision that the paper's one-prompt-one-mask losses leave unused.
+
+A curated slice carries the labels of every organ on it, but a [SEG] query supervises one organ and an
+absent-target query one bit of presence. Two small heads read the whole label map at every step:
+
+* ``DenseOrganHead``: image embedding -> per-pixel organ classes. It trains the segmenter's image
+  encoder on all organs of a slice per encoder pass, the role SAM's pretraining plays for real-scale
+  encoders (a randomly initialised tiny encoder has no such start).
+* ``PresenceHead``: the LVLM's last-layer states at the image tokens -> which organs are on the slice.
+  It teaches the vision path the fact an absent-target answer depends on; the answer's first token
+  reads those positions through attention.
+
+Neither runs at inference; both are weighted by ``loss.seg_dense`` and ``loss.presence`` (0 = off).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
+from torch import nn
+
+from CTReasonerLib.organs import NUM_ORGANS
+
+
+class DenseOrganHead(nn.Module):
+    """(B, dim, h, w) image embedding -> (B, NUM_ORGANS + 1, 4h, 4w) class logits (0 = background),
+    upscaled like SAM's mask decoder (two stride-2 transposed convolutions)."""
+
+    def __init__(self, dim: int = 256, num_classes: int = NUM_ORGANS + 1):
+        super().__init__()
+        self.num_classes = num_classes
+        self.layers = nn.Sequential(
+            nn.ConvTranspose2d(dim, dim // 4, kernel_size=2, stride=2), LayerNorm2d(dim // 4), nn.GELU(),
+            nn.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2), nn.GELU(),
+            nn.Conv2d(dim // 8, num_classes, kernel_size=1))
+
+    def forward(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        return self.layers(image_embeddings)
+
+
+class PresenceHead(nn.Module):
+    """Mean LVLM state over each row's image tokens (B, D) -> (B, NUM_ORGANS) presence logits."""
+
+    def __init__(self, hidden_size: int, num_organs: int = NUM_ORGANS):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, num_organs)
+
+    def forward(self, hidden_states: torch.Tensor, image_token_mask: torch.Tensor) -> torch.Tensor:
+        """hidden_states (B, T, D); image_token_mask (B, T) bool. Rows without image tokens pool to 0."""
+        weights = image_token_mask.to(hidden_states.dtype).unsqueeze(-1)
+        pooled = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return self.linear(pooled.to(self.linear.weight.dtype))
+
+
+def organ_label_channels(labels: np.ndarray, num_classes: int = NUM_ORGANS + 1) -> torch.Tensor:
+    """(H, W) integer organ labels -> (num_classes, H, W) float one-hot; labels outside [0, num_classes)
+    count as background (a dataset's extra structures are not organs of this model)."""
+    labels = torch.as_tensor(np.asarray(labels).astype(np.int64))
+    labels = torch.where((labels >= 0) & (labels < num_classes), labels, torch.zeros_like(labels))
+    return F.one_hot(labels, num_classes).permute(2, 0, 1).float()
+
+
+def organ_presence(labels: np.ndarray, num_organs: int = NUM_ORGANS) -> torch.Tensor:
+    """(H, W) organ labels -> (num_organs,) float, 1 where organ label k + 1 has a pixel."""
+    present = np.zeros(num_organs, dtype=np.float32)
+    found = np.unique(np.asarray(labels))
+    found = found[(found >= 1) & (found <= num_organs)].astype(np.int64)
+    present[found - 1] = 1.0
+    return torch.from_numpy(present)
+
+
+def dense_organ_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Soft-target cross-entropy of (U, C, s, s) logits against (U, C, S, S) class fractions, over the
+    images with ``valid`` (U,) True; a connected zero when none is."""
+    if not bool(valid.any()):
+        return logits.float().sum() * 0.0
+    logits, targets = logits[valid].float(), targets[valid].float()
+    if targets.shape[-2:] != logits.shape[-2:]:
+        targets = F.interpolate(targets, size=logits.shape[-2:], mode="area")
+    return F.cross_entropy(logits, targets)
+
+
+def presence_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> Optional[torch.Tensor]:
+    """BCE of (B, K) presence logits against (B, K) 0/1 targets over rows with ``valid`` (B,) True."""
+    if not bool(valid.any()):
+        return logits.float().sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[valid].float(), targets[valid].float())
