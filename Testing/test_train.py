@@ -16,7 +16,7 @@ from CTReasonerLib.train.checkpoint import (capture_rng_state, list_checkpoints,
 from CTReasonerLib.train.config import load_train_config
 from CTReasonerLib.train.distributed import (DistributedContext, load_deepspeed_config, require_deepspeed,
                                              resolve_deepspeed_config)
-from CTReasonerLib.train.engine import TorchEngine, build_scheduler, schedule_factor
+from CTReasonerLib.train.engine import TorchEngine, build_optimizer, build_scheduler, schedule_factor
 from CTReasonerLib.train.metrics_log import read_metrics
 from CTReasonerLib.train.trainer import GroupedDistributedSampler, Trainer
 
@@ -403,3 +403,16 @@ def test_fine_tuning_may_change_losses_and_closer_look_but_not_the_architecture(
         training_overrides(base, {"segmenter": {"image_size": 512}})
     with pytest.raises(ConfigError, match="unknown model config key"):
         training_overrides(base, {"loss": {"lm_decisoin": 2.0}})
+
+
+def test_lr_multipliers_give_new_heads_their_own_group():
+    model = _fresh_model()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    optimizer = build_optimizer(params, 1e-3, (0.9, 0.95), 1e-8, 0.0, names=names, lr_multipliers={"det_head.": 10})
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, pytest.approx(1e-2)]
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == {id(p) for p in model.det_head.parameters()}
+    scheduler = build_scheduler(optimizer, 10, 2, "cosine", 0.0)
+    assert scheduler.get_last_lr() == [pytest.approx(5e-4), pytest.approx(5e-3)]   # warmup scales both
+    with pytest.raises(ConfigError, match="match no trainable parameter"):
+        build_optimizer(params, 1e-3, (0.9, 0.95), 1e-8, 0.0, names=names, lr_multipliers={"stem.": 10})

@@ -66,6 +66,8 @@ class OptimSection:
     schedule: str = "cosine"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
+    #: {parameter-name prefix: learning-rate factor}, e.g. {"dense_head.": 10} for heads new to a fine-tune
+    lr_multipliers: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -32,11 +32,41 @@ class TrainingStepModule(nn.Module):
         return self.model.training_step(batch)
 
 
-def build_optimizer(parameters: List[nn.Parameter], lr: float, betas, eps: float, weight_decay: float):
-    parameters = [p for p in parameters if p.requires_grad]
-    if not parameters:
+def build_optimizer(parameters: List[nn.Parameter], lr: float, betas, eps: float, weight_decay: float,
+                    names: Optional[List[str]] = None, lr_multipliers: Optional[Dict[str, float]] = None):
+    """AdamW over the trainable ``parameters``.
+
+    names / lr_multipliers: parameter names (as ``named_parameters``) and {name prefix: factor}; a
+    parameter whose name starts with a prefix gets its own group at ``lr * factor`` (e.g. freshly added
+    heads in a fine-tune of trained weights). Every prefix must match something.
+    """
+    lr_multipliers = dict(lr_multipliers or {})
+    if lr_multipliers and (names is None or len(names) != len(parameters)):
+        raise ValueError("lr_multipliers need one name per parameter")
+    names = names or [""] * len(parameters)
+    groups: Dict[float, List[nn.Parameter]] = {}
+    matched = set()
+    for name, parameter in zip(names, parameters):
+        if not parameter.requires_grad:
+            continue
+        factor = 1.0
+        for prefix, value in lr_multipliers.items():
+            if name.startswith(prefix):
+                factor = value
+                matched.add(prefix)
+                break
+        groups.setdefault(factor, []).append(parameter)
+    if not groups:
         raise ValueError("the model reports no trainable parameters")
-    return torch.optim.AdamW(parameters, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    unmatched = sorted(set(lr_multipliers) - matched)
+    if unmatched:
+        from CTReasonerLib.errors import ConfigError
+
+        raise ConfigError(f"optim.lr_multipliers prefix(es) {unmatched} match no trainable parameter",
+                          "use names as model.named_parameters() gives them, e.g. dense_head.")
+    param_groups = [{"params": params, "lr": lr * factor} for factor, params in
+                    sorted(groups.items(), key=lambda item: (item[0] != 1.0, item[0]))]   # base lr first (logged)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
 def schedule_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:

@@ -174,8 +174,10 @@ class Trainer:
     def _build_engine(self):
         optim = self.config.optim
         self.model.to(self.device)
-        optimizer = build_optimizer(list(self.model.trainable_parameters()), optim.lr, optim.betas, optim.eps,
-                                    optim.weight_decay)
+        trainable = {id(p) for p in self.model.trainable_parameters()}
+        named = [(name, p) for name, p in self.model.named_parameters() if id(p) in trainable]
+        optimizer = build_optimizer([p for _, p in named], optim.lr, optim.betas, optim.eps, optim.weight_decay,
+                                    names=[name for name, _ in named], lr_multipliers=optim.lr_multipliers)
         scheduler = build_scheduler(optimizer, self.total_steps, optim.warmup_steps, optim.schedule, optim.min_lr_ratio)
         if self.config.run.deepspeed:
             ds_config = load_deepspeed_config(
