@@ -389,6 +389,14 @@ def test_tiny_model_resume_and_merge(tmp_path, tiny_dataset, monkeypatch):
     assert not reloaded.training
     with pytest.raises(ConfigError, match="not empty"):
         merge_checkpoint(str(straight.final_checkpoint), str(merged))
+    # --dtype bfloat16 halves every stored weight, the perception heads included, and still reloads
+    half = merge_checkpoint(str(straight.final_checkpoint), str(tmp_path / "merged-bf16"), dtype="bfloat16")
+    stored = _safetensors(half)
+    assert {tensor.dtype for tensor in stored.values() if tensor.is_floating_point()} == {torch.bfloat16}
+    for key, value in stored.items():
+        torch.testing.assert_close(value.float(), expected[key].to(torch.bfloat16).float(), msg=key)
+    assert json.loads((half / "merge_info.json").read_text())["weights_dtype"] == "bfloat16"
+    CTReasonerModel.from_pretrained(str(half), device="cpu")
 
 
 def test_fine_tuning_may_change_losses_and_closer_look_but_not_the_architecture():

@@ -48,10 +48,13 @@ def merge_checkpoint(checkpoint: str, out_dir: str, dtype=None) -> Path:
     model = CTReasonerModel.from_pretrained(checkpoint, device="cpu", dtype=torch_dtype)
     had_adapter = model.lvlm.trainable_mode == "lora"
     model.merge_lora()
+    if torch_dtype is not None:
+        model.to(torch_dtype)   # the perception weights too (built in fp32); a CPU reload upcasts them again
     if had_adapter:
         # The merged weights are the whole LVLM: a reload must not look for an adapter over a base folder.
         model.config = replace(model.config, lvlm=replace(model.config.lvlm, trainable="frozen"))
     model.save_pretrained(str(out))
     (out / MERGE_INFO_FILE).write_text(json.dumps(
-        {"merged_from": str(Path(checkpoint).resolve()), "lora_merged": had_adapter}, indent=2))
+        {"merged_from": str(Path(checkpoint).resolve()), "lora_merged": had_adapter,
+         "weights_dtype": str(torch_dtype or "as trained").replace("torch.", "")}, indent=2))
     return out
