@@ -123,18 +123,11 @@ FINE_TUNE_SECTIONS = ("loss", "closer_look")
 def training_overrides(model_config, overrides):
     """``model_config`` with ``overrides`` (model.config of the training file) applied; only the
     sections in FINE_TUNE_SECTIONS may change, since the weights fix everything else."""
-    from ..model.config import CTReasonerConfig
-
     fixed = sorted(set(overrides or {}) - set(FINE_TUNE_SECTIONS))
     if fixed:
         raise ConfigError(f"model.config sets {', '.join(fixed)} for a pretrained model, whose weights fix them",
                           f"a fine-tuning config may only change {', '.join(FINE_TUNE_SECTIONS)}")
-    merged = model_config.to_dict()
-    for section, values in (overrides or {}).items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"model.config.{section} must be a mapping, got {values!r}")
-        merged[section] = {**merged[section], **values}
-    return CTReasonerConfig.from_dict(merged)
+    return model_config.updated(overrides)
 
 
 def build_model(config, train_set, device, resume_from=None):

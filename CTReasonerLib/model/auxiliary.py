@@ -14,8 +14,6 @@ Neither runs at inference; both are weighted by ``loss.seg_dense`` and ``loss.pr
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -72,18 +70,18 @@ def organ_presence(labels: np.ndarray, num_organs: int = NUM_ORGANS) -> torch.Te
     return torch.from_numpy(present)
 
 
-def dense_organ_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Soft-target cross-entropy of (U, C, s, s) logits against (U, C, S, S) class fractions, over the
-    images with ``valid`` (U,) True; a connected zero when none is."""
-    if not bool(valid.any()):
+def dense_organ_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Soft-target cross-entropy of (U, C, s, s) logits against (U, C, S, S) class fractions (the
+    labelled images only); a connected zero when U == 0."""
+    if logits.shape[0] == 0:
         return logits.float().sum() * 0.0
-    logits, targets = logits[valid].float(), targets[valid].float()
+    targets = targets.to(logits.device, torch.float32)
     if targets.shape[-2:] != logits.shape[-2:]:
         targets = F.interpolate(targets, size=logits.shape[-2:], mode="area")
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits.float(), targets)
 
 
-def presence_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> Optional[torch.Tensor]:
+def presence_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """BCE of (B, K) presence logits against (B, K) 0/1 targets over rows with ``valid`` (B,) True."""
     if not bool(valid.any()):
         return logits.float().sum() * 0.0

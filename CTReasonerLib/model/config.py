@@ -154,6 +154,10 @@ class CTReasonerConfig:
         config = _merge(cls(segmenter=segmenter, detection=detection), data, "")
         return config.validate()
 
+    def updated(self, overrides: Dict[str, Any]) -> "CTReasonerConfig":
+        """A copy with the (possibly partial, nested) mapping ``overrides`` applied and validated."""
+        return _merge(self, dict(overrides or {}), "").validate()
+
     def save(self, directory: str) -> str:
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, CONFIG_NAME)

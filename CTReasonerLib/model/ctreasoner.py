@@ -298,10 +298,17 @@ class CTReasonerModel(nn.Module):
                detection_loss(outputs, [{"boxes": batch.box_targets[int(r)]} for r in det_rows], self.matcher).items()}
 
         interactive = self._interactive_loss(features, batch, low_res.detach(), seg_rows, seg_weight)
-        dense = dense_organ_loss(self.dense_head(features.image_embeddings), batch.organ_targets, batch.organ_valid)
-        image_tokens = batch.lvlm.input_ids == self.lvlm.image_token_id
-        presence = presence_loss(self.presence_head(hidden, image_tokens), batch.presence_targets,
-                                 batch.presence_valid)
+        if weights.seg_dense:
+            labelled = batch.organ_valid
+            dense = dense_organ_loss(self.dense_head(features.image_embeddings[labelled]), batch.organ_targets[labelled])
+        else:
+            dense = _idle_head_loss(self.dense_head)
+        if weights.presence:
+            image_tokens = batch.lvlm.input_ids == self.lvlm.image_token_id
+            presence = presence_loss(self.presence_head(hidden, image_tokens), batch.presence_targets,
+                                     batch.presence_valid)
+        else:
+            presence = _idle_head_loss(self.presence_head)
         total = (weights.lm * lm
                  + weights.seg * (weights.seg_bce * seg["bce"] + weights.seg_dice * seg["dice"]
                                   + weights.seg_iou * seg["iou"])
@@ -387,13 +394,19 @@ def _keep_graph_alive(prompts: torch.Tensor, rows: torch.Tensor, dummy_prompt: t
     return dummy_prompt, torch.zeros(1, dtype=torch.long, device=dummy_prompt.device)
 
 
+def _idle_head_loss(head: nn.Module) -> torch.Tensor:
+    """A zero connected to every parameter of a head whose loss weight is 0: nothing is computed, and
+    DDP / ZeRO still see a gradient for each trainable parameter."""
+    return sum(parameter.sum() * 0.0 for parameter in head.parameters())
+
+
 def _dense_organ_targets(rows: Sequence[_Row], side: int):
     """Per unique image: (NUM_ORGANS + 1, side, side) class fractions in the model frame, and whether
     it has them (round-1 slices with a label map; crops and unlabelled samples do not)."""
     targets = torch.zeros(len(rows), NUM_ORGANS + 1, side, side)
     valid = torch.zeros(len(rows), dtype=torch.bool)
     for index, row in enumerate(rows):
-        if row.labels is None or row.round2 or row.transform is None:
+        if row.labels is None:   # crops and unlabelled samples
             continue
         channels = row.transform.masks(organ_label_channels(row.labels))
         targets[index] = F.interpolate(channels[None], size=(side, side), mode="area")[0]
