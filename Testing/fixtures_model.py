@@ -20,7 +20,7 @@ def tiny_model_config(**lvlm_overrides):
 
 
 def disc_sample(task: str, organ: str = "liver", centre=(40, 30), radius: int = 12, closer: bool = False,
-                size: int = 96, split: bool = False):
+                size: int = 96, split: bool = False, history=()):
     """A slice with a bright disc (two with ``split``) standing for ``organ``; turns like the curated data's."""
     yy, xx = np.mgrid[:size, :size]
     mask = (yy - centre[1]) ** 2 + (xx - centre[0]) ** 2 <= radius ** 2
@@ -51,4 +51,4 @@ def disc_sample(task: str, organ: str = "liver", centre=(40, 30), radius: int = 
 
     labels = mask.astype(np.uint8) * ORGAN_BY_KEY[organ].label
     return SimpleNamespace(image_hu=image, mask=mask, labels=labels, boxes=np.array(boxes, np.float32).reshape(-1, 4),
-                           turns=turns, task=task, present=present, organ=organ)
+                           turns=turns, task=task, present=present, organ=organ, history=list(history))

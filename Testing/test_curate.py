@@ -250,6 +250,18 @@ def test_small_organs_always_get_a_closer_look_and_others_sometimes(curated):
     assert 0.3 <= share <= 0.7
 
 
+def test_some_questions_follow_a_dialogue_about_another_organ(curated):
+    followups = [r for r in curated.records if r.get("history")]
+    assert 0.15 <= len(followups) / len(curated.records) <= 0.45
+    for record in followups:
+        # a real dialogue of the same slice about another organ, and not itself a follow-up (no nesting)
+        sources = [r for r in curated.records if r["slice_index"] == record["slice_index"]
+                   and json.dumps(r["turns"]) == json.dumps(record["history"])]
+        assert sources and all(r["organ"] != record["organ"] for r in sources)
+    assert any(len(r["history"]) == 2 for r in followups)  # some come after a closer look
+    assert any(r["task"] == "absent" for r in followups) and any(r["task"] == "seg" for r in followups)
+
+
 def test_queries_vary_and_include_implicit_phrasings(curated):
     queries = [r["turns"][0]["query"] for r in curated.records]
     assert len(set(q.split(" the ")[0] for q in queries)) >= 6

@@ -46,6 +46,21 @@ def test_collate_builds_round_two_rows_and_dedupes_images(samples):
     assert batch.mask_targets[4].mean() > 2 * batch.mask_targets[0].mean()
 
 
+def test_history_is_context_and_only_the_last_question_is_supervised(samples):
+    model = _model(samples)
+    history = [{"query": "Segment the spleen.", "answer": "The spleen is here. [SEG]"},
+               {"query": "Have a closer look.", "answer": "Zooming in. [CLOSER]"}]
+    alone, followup = disc_sample("det"), disc_sample("det", history=history)
+    batch = model.collate([alone, followup])
+    lvlm, ids = batch.lvlm, model.lvlm.routing_token_ids
+    assert batch.lvlm.attention_mask[1].sum() > batch.lvlm.attention_mask[0].sum()  # the history is in the prompt
+    for token, expected in (("[DET]", 1), ("[SEG]", 0), ("[CLOSER]", 0)):
+        assert [(lvlm.answer_ids[row] == ids[token]).sum().item() for row in (0, 1)] == [expected, expected]
+    supervised = [lvlm.labels[row][lvlm.labels[row] != -100].tolist() for row in (0, 1)]
+    assert supervised[0] == supervised[1]  # the same answer is learned, with or without the history
+    assert batch.is_round2.tolist() == [False, False]
+
+
 def test_closer_look_crops_are_capped_per_batch(samples):
     model = _model(samples)
     closer = [disc_sample("seg", centre=(30 + i, 40), closer=True) for i in range(3)]
@@ -116,6 +131,9 @@ def test_decision_tokens_weigh_more_in_the_lm_loss():
     expected[0, 2] = expected[0, 5] = expected[1, 1] = expected[1, 4] = 4.0
     torch.testing.assert_close(weights, expected)
     assert decision_token_weights(labels, [99], 1.0) is None
+    wide = decision_token_weights(labels, [99], 4.0, span=2)
+    expected[0, 3] = expected[1, 2] = expected[1, 5] = 4.0  # the second token of each span too
+    torch.testing.assert_close(wide, expected)
 
     torch.manual_seed(0)
     logits = torch.randn(2, 7, 120)

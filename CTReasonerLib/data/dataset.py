@@ -74,6 +74,7 @@ class Sample:
     review: Dict[str, Any]
     spacing: np.ndarray                 # (2,) (row mm, column mm)
     ijk_to_ras: np.ndarray              # (4, 4) of the source volume
+    history: List[Dict[str, str]] = field(default_factory=list)  # earlier turns of the chat (not supervised)
     _slices: SubjectSlices = field(repr=False, compare=False, default=None)
 
     @property
@@ -195,7 +196,8 @@ class CuratedDataset(Sequence):
                       task=record["task"], query_task=record.get("query_task", record["task"]),
                       implicit=record["implicit"], present=record["present"], turns=record["turns"], boxes=boxes,
                       center=center, description=record["description"], review=record["review"],
-                      spacing=spacing, ijk_to_ras=ijk_to_ras, _slices=self._slices)
+                      spacing=spacing, ijk_to_ras=ijk_to_ras, history=record.get("history", []),
+                      _slices=self._slices)
 
     def __iter__(self) -> Iterator[Sample]:
         for index in range(len(self)):

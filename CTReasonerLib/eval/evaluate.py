@@ -1,7 +1,8 @@
 """Run a model over a curated dataset split and score everything the paper's tables report.
 
-Each sample is one (slice, organ, task) record. The model sees the record's first query with no
-history, through the same ``CTReasonerPipeline.chat`` that users get:
+Each sample is one (slice, organ, task) record. The model sees the record's first query after the
+record's dialogue history, if any (an earlier chat about another organ), through the same
+``CTReasonerPipeline.chat`` that users get:
 
 * ``seg`` records: the final mask (after the closer look) is scored with Dice, HD95 and NSD; with the
   closer-look ablation the round-1 mask of the same query is scored too (Table 4). The mask's
@@ -99,9 +100,10 @@ def evaluate_sample(pipeline, sample, metrics: SegmentationMetrics, settings: Ev
     start = time.perf_counter()
     image = sample.image_hu
     query = sample.turns[0]["query"]
+    history = [(turn["query"], turn["answer"]) for turn in getattr(sample, "history", ())]
     # Absent targets phrased as seg queries get the same request: the model must not know the answer.
     want_closer = sample.query_task == "seg"
-    result = pipeline.chat(image, query, [], closer_look=want_closer, score_threshold=settings.ap_score_floor)
+    result = pipeline.chat(image, query, history, closer_look=want_closer, score_threshold=settings.ap_score_floor)
     shown_boxes = [b for b in result.boxes if b.score >= pipeline.config.detection.score_threshold]
     outcome = SampleOutcome(id=sample.id, organ=sample.organ, task=sample.task, query_task=sample.query_task,
                             routing_tokens=list(result.routing_tokens),
@@ -118,7 +120,7 @@ def evaluate_sample(pipeline, sample, metrics: SegmentationMetrics, settings: Ev
         outcome.scores = asdict(metrics(mask, target, tuple(sample.spacing)))
         if settings.closer_ablation:
             if result.closer_look.ran:  # the round-1 mask of the same turn, or the same turn without round 2
-                round1 = final_masks(result, 1) or final_masks(pipeline.chat(image, query, [], closer_look=False))
+                round1 = final_masks(result, 1) or final_masks(pipeline.chat(image, query, history, closer_look=False))
             else:
                 round1 = final_masks(result)
             round1_mask, _ = union_mask(round1, shape)

@@ -86,9 +86,14 @@ class CloserLookConfig:
 class LossWeights:
     """Eq. 10 weights and the parts of the seg/det losses ("all equally", paper §5.1)."""
     lm: float = 1.0
-    #: relative weight, inside the LM loss, of the tokens that decide what happens: the first token of
-    #: every supervised answer (present or absent) and the routing tokens. 1 = the paper's plain token mean.
+    #: relative weight, inside the LM loss, of the tokens that decide what happens: the first
+    #: ``lm_decision_span`` tokens of every supervised answer (where it commits to present or absent) and
+    #: the routing tokens. 1 = the paper's plain token mean.
     lm_decision: float = 1.0
+    #: how many leading answer tokens ``lm_decision`` covers. Answers name the organ before they say
+    #: whether it is visible ("The left adrenal gland is not visible..."), so the commitment comes a few
+    #: tokens in, after the name.
+    lm_decision_span: int = 1
     seg: float = 1.0
     det: float = 1.0
     seg_bce: float = 1.0
@@ -136,6 +141,8 @@ class CTReasonerConfig:
             problems.append(f"lvlm.image_size must be a multiple of 28 for Qwen2.5-VL, got {self.lvlm.image_size}")
         if self.closer_look.margin < 0:
             problems.append("closer_look.margin must be >= 0 (the ROI must contain the mask)")
+        if self.loss.lm_decision_span < 1:
+            problems.append(f"loss.lm_decision_span must be >= 1, got {self.loss.lm_decision_span}")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems), "fix the model section of the config")
         return self

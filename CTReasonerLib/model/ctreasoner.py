@@ -218,8 +218,9 @@ class CTReasonerModel(nn.Module):
             key = hashlib.sha1(np.ascontiguousarray(hu).tobytes()).hexdigest()
             image, transform, channels = self.slice_input(hu)
             turns = [(t["query"], t["answer"]) for t in sample.turns]
-            row = _Row(Conversation(image, turns[:1]), key, image, labels=getattr(sample, "labels", None),
-                       transform=transform)
+            history = [(t["query"], t["answer"]) for t in getattr(sample, "history", ())]
+            row = _Row(Conversation(image, history + turns[:1], supervised_turns=[len(history)]), key, image,
+                       labels=getattr(sample, "labels", None), transform=transform)
             if sample.task == "seg":
                 row.mask = transform.masks(sample.mask)[0]
             elif sample.task == "det" and len(sample.boxes):
@@ -272,7 +273,8 @@ class CTReasonerModel(nn.Module):
         batch = batch.to(self.device)
         logits, hidden = self.lvlm(batch.lvlm)
         lm = _lm_loss(logits, batch.lvlm.labels, decision_token_weights(
-            batch.lvlm.labels, self.lvlm.routing_token_ids.values(), self.config.loss.lm_decision))
+            batch.lvlm.labels, self.lvlm.routing_token_ids.values(), self.config.loss.lm_decision,
+            self.config.loss.lm_decision_span))
 
         features = self.segmenter.encode(batch.images.to(self.token_type_embedding.weight.dtype))
         # [SEG] (round 1) and [CLOSER] (round 2) prompts decode together; each row's target is in its own frame.
@@ -346,16 +348,21 @@ class CTReasonerModel(nn.Module):
         return self.segmenter.decode(features, prompts[:, None], image_index)
 
 
-def decision_token_weights(labels: torch.Tensor, routing_token_ids: Iterable[int], weight: float) -> Optional[torch.Tensor]:
-    """(B, T) LM-loss weights: ``weight`` at the first token of every supervised answer span (where the
-    model commits to "present" or "absent") and at routing tokens, 1 elsewhere; None when ``weight`` is 1."""
+def decision_token_weights(labels: torch.Tensor, routing_token_ids: Iterable[int], weight: float,
+                           span: int = 1) -> Optional[torch.Tensor]:
+    """(B, T) LM-loss weights: ``weight`` at the first ``span`` tokens of every supervised answer span
+    (where the model commits to "present" or "absent") and at routing tokens, 1 elsewhere; None when
+    ``weight`` is 1."""
     if weight == 1.0:
         return None
     supervised = labels != IGNORE_INDEX
     first = supervised.clone()
     first[:, 1:] &= ~supervised[:, :-1]
+    positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
+    span_start = torch.cummax(torch.where(first, positions, torch.zeros_like(positions)), dim=1).values
+    leading = supervised & (positions - span_start < span)
     routing = torch.isin(labels, torch.tensor(sorted(routing_token_ids), device=labels.device))
-    return torch.where(first | routing, float(weight), 1.0)
+    return torch.where(leading | routing, float(weight), 1.0)
 
 
 def _lm_loss(logits: torch.Tensor, labels: torch.Tensor, token_weights: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -348,7 +348,9 @@ class SceneLogic:
         def apply(results: Dict[int, ChatResult], policy: Optional[str]) -> Outcome:
             text = _answer_text(results, query, scan, len(slices))
             outcome = self._apply(job, snapshot.node_id, results, self._provenance(query, text), policy, text)
-            self.conversation(self._volume_node(snapshot.node_id)).history.append((query, text))
+            # The model reads its own words back (routing tokens included), as in training, not the summary.
+            self.conversation(self._volume_node(snapshot.node_id)).history.append(
+                (query, _model_answer(results) or text))
             return outcome
 
         job = SceneJob("chat", snapshot.node_id, label, compute, apply)
@@ -625,8 +627,20 @@ def _answer_text(results: Dict[int, ChatResult], query: str, scanned: bool, num_
                 else "No answer.")
     if not scanned:
         return next(iter(results.values())).text
-    # The slice with the largest answer carries the most telling reasoning.
-    best = max(results, key=lambda k: sum(int(np.asarray(m.mask).sum()) for m in results[k].masks))
+    best = _best_slice(results)
     slices = sorted(results)
     return (f"{results[best].text}\n\nFound on {len(slices)} of {num_slices} slices "
             f"({slices[0]}-{slices[-1]}); reasoning shown for slice {best}.")
+
+
+def _best_slice(results: Dict[int, ChatResult]) -> int:
+    """The slice with the largest answer; it carries the most telling reasoning."""
+    return max(results, key=lambda k: sum(int(np.asarray(m.mask).sum()) for m in results[k].masks))
+
+
+def _model_answer(results: Dict[int, ChatResult]) -> str:
+    """What the model said for the turn (raw text with routing tokens), for the dialogue history."""
+    if not results:
+        return ""
+    result = results[_best_slice(results)]
+    return result.raw_text or result.text

@@ -44,6 +44,7 @@ class CurationConfig:
     implicit_fraction: float = 0.25         # share of seg/det queries phrased by function instead of name
     closer_look_fraction: float = 0.5       # share of seg records (non-small organs) with a closer-look second turn
     synonym_fraction: float = 0.2           # share of explicit queries that use a synonym of the organ name
+    followup_fraction: float = 0.3          # share of records asked after an earlier dialogue about another organ
 
     # --- splits (pipeline.py) ---
     split_fractions: Tuple[float, float, float] = (0.70, 0.15, 0.15)
@@ -56,7 +57,7 @@ class CurationConfig:
             raise ConfigError(f"split fractions must be three non-negative numbers, got {self.split_fractions}",
                               "use e.g. 0.7 0.15 0.15 (train val test)")
         for name in ("redundancy_iou", "protected_iou", "absent_fraction", "implicit_fraction",
-                     "closer_look_fraction", "synonym_fraction"):
+                     "closer_look_fraction", "synonym_fraction", "followup_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name} must lie in [0, 1], got {value}")

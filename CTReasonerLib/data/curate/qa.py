@@ -197,7 +197,24 @@ def slice_records(subject: str, slice_index: int, slice_pos: int, present: Seque
         chosen = rng.choice(len(absent_candidates), size=count, replace=False)
         for index in sorted(chosen):
             records.append(absent_record(subject, slice_index, slice_pos, absent_candidates[index], config, rng))
+    add_followup_history(records, config, rng)
     return records
+
+
+def add_followup_history(records: List[Dict[str, Any]], config: CurationConfig, rng: np.random.Generator) -> None:
+    """Give ``config.followup_fraction`` of a slice's records a ``history``: the whole dialogue of another
+    record of the same slice about a different organ, as if the user had asked that first.
+
+    Without these a model only ever sees a second turn that is a closer look, and reads any new question
+    after history as one. The dialogue is copied before the history is attached, so histories never nest.
+    """
+    dialogues = [[dict(turn) for turn in record["turns"]] for record in records]
+    for record in records:
+        if rng.random() >= config.followup_fraction:
+            continue
+        others = [i for i, other in enumerate(records) if other["organ"] != record["organ"]]
+        if others:
+            record["history"] = dialogues[others[int(rng.integers(len(others)))]]
 
 
 def routing_token_of(answer: str) -> Optional[str]:

@@ -75,6 +75,8 @@ RECORD_SCHEMA: Dict[str, Any] = {
         "task": {"enum": ["seg", "det", "absent"]}, "query_task": {"enum": ["seg", "det"]},
         "implicit": {"type": "boolean"}, "present": {"type": "boolean"},
         "turns": {"type": "array", "items": _TURN, "minItems": 1, "maxItems": 2},
+        # Optional: earlier turns of the same chat about other organs on this slice (context, not supervised).
+        "history": {"type": "array", "items": _TURN, "maxItems": 4},
         "boxes": {"type": "array", "items": _BOX},
         "center": {"oneOf": [{"type": "null"}, {"type": "array", "items": _NUMBER, "minItems": 2, "maxItems": 2}]},
         "description": {"oneOf": [{"type": "null"}, {"type": "object"}]},
