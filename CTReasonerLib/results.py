@@ -6,7 +6,7 @@ that was sent: ``x`` is the column (IJK i), ``y`` is the row (IJK j); masks are 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -61,6 +61,13 @@ class ChatResult:
     boxes: List[BoxPrediction] = field(default_factory=list)
     closer_look: CloserLookInfo = field(default_factory=lambda: CloserLookInfo(ran=False))
     timings_ms: Dict[str, float] = field(default_factory=dict)
+    #: (question, raw answer) of every turn the model ran: one per organ of a compound request
+    turns: List[Tuple[str, str]] = field(default_factory=list)
+
+    def history_turns(self, query: str) -> List[Tuple[str, str]]:
+        """What the dialogue history keeps of this turn: the model's own single-organ turns, the form it
+        was trained on, rather than one compound question with several answers run together."""
+        return [tuple(turn) for turn in self.turns] or [(query, self.raw_text or self.text)]
 
 
 def box_extent_ijk(xyxy, k: float, num_slices: int = 1):

@@ -11,7 +11,8 @@ import torch
 from fixtures_lvlm import ForceTokens
 from fixtures_model import disc_sample, tiny_model_config
 from CTReasonerLib.errors import CTReasonerError
-from CTReasonerLib.model.query import find_organs, resolve_organ, says_not_visible, split_compound_query
+from CTReasonerLib.model.query import (find_organs, normalize_query, resolve_organ, says_not_visible,
+                                       split_compound_query)
 from CTReasonerLib.results import ChatResult, MaskPrediction
 
 
@@ -164,6 +165,21 @@ def test_compound_request_runs_one_turn_per_organ(pipeline, slice_hu, monkeypatc
     assert result.routing_tokens == ["[SEG]", "[DET]", "[DET]"]
     assert [m.organ for m in result.masks] == ["liver"]
     assert {b.organ for b in result.boxes} == {"right_kidney", "left_kidney"}
+    # the dialogue history keeps one single-organ turn per part, each with the model's own answer
+    assert result.history_turns("segment the liver and detect the kidneys") == [
+        ("Segment the liver.", "The liver [SEG]"), ("Detect the right kidney.", "The right kidney [DET]"),
+        ("Detect the left kidney.", "The left kidney [DET]")]
+
+
+def test_typed_questions_reach_the_model_in_the_training_form(pipeline, slice_hu, monkeypatch):
+    seen = []
+    original = pipeline._generate
+    monkeypatch.setattr(pipeline, "_generate", lambda image, turns: seen.append(turns) or original(image, turns))
+    script(pipeline, monkeypatch, "The liver [SEG]")
+    result = pipeline.chat(slice_hu, "  segment   the liver ", [("detect the spleen", "The spleen [DET]")],
+                           closer_look=False)
+    assert seen[0] == [("Detect the spleen.", "The spleen [DET]"), ("Segment the liver.", None)]
+    assert result.history_turns("segment the liver") == [("Segment the liver.", "The liver [SEG]")]
 
 
 def test_image_embedding_is_cached_per_slice(pipeline, slice_hu):
@@ -203,4 +219,7 @@ def test_query_helpers():
     single = "Where is the portal and splenic veins?"
     assert split_compound_query(single)[0].text == single and len(split_compound_query(single)) == 1
     assert says_not_visible("I cannot find the left adrenal gland on this slice.")
+    assert normalize_query(" segment  the liver ") == "Segment the liver."
+    assert normalize_query("where is the spleen?") == "Where is the spleen?"
+    assert normalize_query("") == ""
     assert not says_not_visible("The liver is visible and large.")

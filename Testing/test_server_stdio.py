@@ -70,6 +70,9 @@ def test_chat_returns_decoded_masks_boxes_and_timings(client, image_id):
     for box in result.boxes:
         assert box.xyxy.shape == (4,) and 0 <= box.score <= 1
     assert result.timings_ms and all(v >= 0 for v in result.timings_ms.values())
+    # one single-organ turn per organ comes back for the client's dialogue history
+    assert [question for question, _ in result.turns] == ["Segment the liver.", "Detect the spleen."]
+    assert " ".join(answer for _, answer in result.turns) == result.raw_text
 
 
 def test_chat_raw_result_states_its_mask_encoding(client, image_id):

@@ -348,6 +348,7 @@ def test_history_and_clear_chat(slicer_scene, logic):
     logic.process(volume, "segment the liver", sliceIndex=2, closerLook=False)
     logic.process(volume, "segment the spleen", sliceIndex=3, closerLook=False)
     assert [c[3] for c in backend.calls if c[0] == "chat"] == [0, 1]
+    assert logic.conversation(volume).history[0][0] == "segment the liver"
     logic.clearChat(volume)
     logic.process(volume, "what is this?", sliceIndex=1)
     assert [c[3] for c in backend.calls if c[0] == "chat"][-1] == 0

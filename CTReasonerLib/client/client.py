@@ -705,6 +705,7 @@ def decode_chat_result(result: dict, shape: Tuple[int, int]) -> ChatResult:
     return ChatResult(
         text=str(result.get("text", "")),
         raw_text=str(result.get("raw_text", "")),
+        turns=[(str(question), str(answer)) for question, answer in result.get("turns", [])],
         routing_tokens=list(result.get("routing_tokens", [])),
         target_organ=result.get("target_organ"),
         absent=bool(result.get("absent", False)),

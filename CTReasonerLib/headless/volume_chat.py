@@ -230,7 +230,7 @@ def chat_volume(pipeline, volume: Volume, turns: Sequence[ChatTurn], slices: Seq
         for turn in turns:
             result = pipeline.chat(pixels, turn.query, history=list(history), closer_look=turn.closer_look)
             results.append(result)
-            history.append((turn.query, result.raw_text or result.text))
+            history.extend(result.history_turns(turn.query))
         slice_chat = SliceChat(k=int(k), results=results, seconds=time.perf_counter() - started)
         outcome.slices.append(slice_chat)
         log.debug("slice %d: %d turn(s) in %.2f s", k, len(turns), slice_chat.seconds)

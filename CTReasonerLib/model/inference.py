@@ -32,7 +32,8 @@ from CTReasonerLib.model.closer_look import crop_and_resize, paste_back, roi_fro
 from CTReasonerLib.model.detection import postprocess_detections
 from CTReasonerLib.model.image_processing import ResizeToSquare
 from CTReasonerLib.model.lvlm import Conversation, LVLMBatch
-from CTReasonerLib.model.query import is_closer_request, resolve_organ, says_not_visible, split_compound_query
+from CTReasonerLib.model.query import (is_closer_request, normalize_query, resolve_organ, says_not_visible,
+                                       split_compound_query)
 from CTReasonerLib.model.routing import CLOSER_TOKEN, DET_TOKEN, ROUTING_TOKENS, SEG_TOKEN
 from CTReasonerLib.model.segmenter import EmbeddingCache
 from CTReasonerLib.organs import get_organ
@@ -142,9 +143,11 @@ class CTReasonerPipeline:
             with _timed(timings, "image_encoder"):
                 features = self._features(prepared.key, prepared.image)
             sub_queries = split_compound_query(query)
-            results = [self._chat_one(prepared, features, sub.text, list(history), closer_look, score_threshold,
-                                      return_probabilities, timings) for sub in sub_queries]
+            history = [(normalize_query(asked), answer) for asked, answer in history]
+            results = [self._chat_one(prepared, features, normalize_query(sub.text), history, closer_look,
+                                      score_threshold, return_probabilities, timings) for sub in sub_queries]
         result = results[0] if len(results) == 1 else _merge(results)
+        result.turns = [(normalize_query(sub.text), part.raw_text) for sub, part in zip(sub_queries, results)]
         result.timings_ms = timings
         return result
 

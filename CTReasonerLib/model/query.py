@@ -100,6 +100,18 @@ def says_not_visible(text: str) -> bool:
     return bool(NOT_VISIBLE.search(text.lower()))
 
 
+def normalize_query(text: str) -> str:
+    """A typed question in the written form of the training queries: whitespace collapsed, a capital first
+    letter, a closing full stop when it has no closing punctuation ("segment the pancreas" ->
+    "Segment the pancreas."). A small model reads "segment ..." and "Segment ..." as different
+    words, and after dialogue history it can route the lower-case form to the wrong task."""
+    text = " ".join(text.split())
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".?!" else text + "."
+
+
 def split_compound_query(query: str) -> List[SubQuery]:
     """One :class:`SubQuery` per organ of a compound request; a single-organ query comes back unchanged.
 

@@ -117,6 +117,7 @@ def encode_chat_result(result: ChatResult, mask_encoding: str, with_probability:
     return {
         "text": result.text,
         "raw_text": result.raw_text,
+        "turns": [[str(question), str(answer)] for question, answer in result.turns],
         "routing_tokens": list(result.routing_tokens),
         "target_organ": result.target_organ,
         "absent": bool(result.absent),

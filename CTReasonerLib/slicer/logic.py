@@ -349,8 +349,8 @@ class SceneLogic:
             text = _answer_text(results, query, scan, len(slices))
             outcome = self._apply(job, snapshot.node_id, results, self._provenance(query, text), policy, text)
             # The model reads its own words back (routing tokens included), as in training, not the summary.
-            self.conversation(self._volume_node(snapshot.node_id)).history.append(
-                (query, _model_answer(results) or text))
+            self.conversation(self._volume_node(snapshot.node_id)).history.extend(
+                _model_turns(results, query) or [(query, text)])
             return outcome
 
         job = SceneJob("chat", snapshot.node_id, label, compute, apply)
@@ -638,9 +638,6 @@ def _best_slice(results: Dict[int, ChatResult]) -> int:
     return max(results, key=lambda k: sum(int(np.asarray(m.mask).sum()) for m in results[k].masks))
 
 
-def _model_answer(results: Dict[int, ChatResult]) -> str:
-    """What the model said for the turn (raw text with routing tokens), for the dialogue history."""
-    if not results:
-        return ""
-    result = results[_best_slice(results)]
-    return result.raw_text or result.text
+def _model_turns(results: Dict[int, ChatResult], query: str) -> List[Tuple[str, str]]:
+    """What the model said for the turn (its own turns, routing tokens included), for the dialogue history."""
+    return results[_best_slice(results)].history_turns(query) if results else []
