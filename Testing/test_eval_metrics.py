@@ -130,6 +130,7 @@ class FakeSample:
     boxes: np.ndarray
     spacing: np.ndarray = field(default_factory=lambda: np.array([1.0, 1.0]))
     turns: List[Dict[str, str]] = field(default_factory=list)
+    history: List[Dict[str, str]] = field(default_factory=list)
 
 
 class ScriptedPipeline:
@@ -151,6 +152,7 @@ class ScriptedPipeline:
 
     def chat(self, image_hu, query, history, closer_look=False, score_threshold=None) -> ChatResult:
         sample = self.by_query[query]
+        assert history == [(turn["query"], turn["answer"]) for turn in sample.history]  # the record's dialogue
         self.calls.append((sample.id, closer_look))
         self.score_thresholds.add(score_threshold)
         threshold = self.config.detection.score_threshold if score_threshold is None else score_threshold
@@ -179,9 +181,10 @@ def _scenario():
         size = 6 + 2 * index  # organ 1 is the smallest
         mask = _square(10, 10, size)
         box = np.array([[10, 10, 10 + size, 10 + size]], dtype=np.float32)
+        earlier = [{"query": "Segment the aorta.", "answer": "The aorta is here. [SEG]"}] if index % 2 else []
         for task in ("seg", "det"):
             samples.append(FakeSample(f"{organ.key}_{task}", organ.key, task, task, image, mask, box,
-                                      turns=[{"query": f"{task} {organ.name}"}]))
+                                      turns=[{"query": f"{task} {organ.name}"}], history=earlier))
         samples.append(FakeSample(f"{organ.key}_absent", organ.key, "absent", "det", image,
                                   np.zeros((64, 64), dtype=bool), np.zeros((0, 4), np.float32),
                                   turns=[{"query": f"where is the {organ.name}?"}]))

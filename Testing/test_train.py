@@ -60,6 +60,13 @@ def test_shipped_configs_load():
     finetune = load_train_config(str(REPO / "configs" / "tiny_cpu_finetune.yaml"))
     assert finetune.model.source == "pretrained" and finetune.data.records_per_slice > 1
     assert finetune.run.max_minutes <= 85
+    gpu = load_train_config(str(REPO / "configs" / "tiny_gpu_finetune.yaml"))
+    assert gpu.model.source == "pretrained" and gpu.run.precision == "auto"
+    from CTReasonerLib.commands.train import training_overrides
+    from CTReasonerLib.model.config import CTReasonerConfig
+
+    loss = training_overrides(CTReasonerConfig(), gpu.model.config).loss  # what the fine-tune applies
+    assert loss.lm_decision_span == 12 and loss.seg_dense > 0 and loss.presence > 0
     paper = load_train_config(str(REPO / "configs" / "qwen2_5_vl_3b_sam_vit_h.yaml"))
     assert paper.optim.lr == pytest.approx(3e-4) and paper.optim.betas == (0.9, 0.95)
     assert paper.optim.weight_decay == 0 and paper.optim.grad_accum_steps == 10 and paper.run.epochs == 40
