@@ -206,6 +206,10 @@ def test_bad_inputs_are_clear_errors(pipeline):
         pipeline.chat(np.zeros((2, 8, 8)), "Segment the liver.")
     with pytest.raises(CTReasonerError, match="empty"):
         pipeline.chat(np.zeros((8, 8)), "  ")
+    with pytest.raises(CTReasonerError, match=r"history\[1\] is not a \(question, answer\) pair"):
+        pipeline.chat(np.zeros((8, 8)), "Segment the liver.", [("Detect the spleen.", "Here. [DET]"), ("only one",)])
+    with pytest.raises(CTReasonerError, match="list of"):
+        pipeline.chat(np.zeros((8, 8)), "Segment the liver.", "Detect the spleen.")
 
 
 def test_query_helpers():

@@ -133,9 +133,12 @@ class CTReasonerPipeline:
     def chat(self, image_hu, query: str, history: Sequence[Tuple[str, str]] = (), closer_look: Optional[bool] = None,
              score_threshold: Optional[float] = None, return_probabilities: bool = True) -> ChatResult:
         """One chat turn. ``closer_look``: True always runs round 2 on a segmented target, False never,
-        None follows the model's [CLOSER] token or a request in ``query`` ("have a closer look")."""
+        None follows the model's [CLOSER] token or a request in ``query`` ("have a closer look").
+        ``history``: the earlier (question, answer) turns, oldest first; after each turn append
+        ``result.history_turns(query)`` (the model's own single-organ turns) to continue the dialogue."""
         if not isinstance(query, str) or not query.strip():
             raise CTReasonerError("the question is empty", "type what you want to know about the slice")
+        history = [(normalize_query(asked), answer) for asked, answer in _checked_history(history)]
         timings: Dict[str, float] = {}
         with _timed(timings, "total"):
             with _timed(timings, "prepare"):
@@ -143,7 +146,6 @@ class CTReasonerPipeline:
             with _timed(timings, "image_encoder"):
                 features = self._features(prepared.key, prepared.image)
             sub_queries = split_compound_query(query)
-            history = [(normalize_query(asked), answer) for asked, answer in history]
             results = [self._chat_one(prepared, features, normalize_query(sub.text), history, closer_look,
                                       score_threshold, return_probabilities, timings) for sub in sub_queries]
         result = results[0] if len(results) == 1 else _merge(results)
@@ -364,6 +366,18 @@ def _box_mask(xyxy, hw: Tuple[int, int]) -> torch.Tensor:
     x0, y0, x1, y1 = (int(round(float(v))) for v in xyxy)
     mask[max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)] = True
     return mask
+
+
+def _checked_history(history) -> List[Tuple[str, str]]:
+    """``history`` as (question, answer) string pairs, or a clear error naming the bad entry."""
+    if not isinstance(history, (list, tuple)):
+        raise CTReasonerError(f"the history must be a list of (question, answer) pairs, got {type(history).__name__}",
+                              "pass the earlier turns, e.g. history += result.history_turns(question)")
+    for index, turn in enumerate(history):
+        if not (isinstance(turn, (tuple, list)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise CTReasonerError(f"history[{index}] is not a (question, answer) pair of strings: {turn!r:.80}",
+                                  "pass the earlier turns, e.g. history += result.history_turns(question)")
+    return [(str(question), str(answer)) for question, answer in history]
 
 
 def _merge(results: List[ChatResult]) -> ChatResult:
