@@ -1,6 +1,8 @@
 """The HTTP backend as a real uvicorn subprocess on 127.0.0.1 and a free port, with a bearer token."""
+import http.client
 import json
 import secrets
+import socket
 import subprocess
 import threading
 import urllib.error
@@ -10,9 +12,10 @@ import numpy as np
 import pytest
 
 from CTReasonerLib.client import CallCancelledError, CTReasonerClient, ErrorCode, ServerError, encode_array
+from CTReasonerLib.client.encoding import encode_mask
 from CTReasonerLib.client.spec import NDJSON_CONTENT_TYPE, PROTOCOL_VERSION, SESSION_HEADER
 from fixtures_server import (MODEL_ARGS, REPO, SERVE, SERVER_ENV, STARTUP_TIMEOUT_S, HttpServer, phantom_slice,
-                             phantom_stack)
+                             phantom_stack, wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -122,6 +125,35 @@ def test_progress_streams_over_http_and_cancel_works(client):
     call.cancel()
     with pytest.raises(CallCancelledError):
         call.result(timeout=60)
+
+
+@pytest.mark.parametrize("accept", [NDJSON_CONTENT_TYPE, "application/json"])
+def test_a_client_that_goes_away_cancels_its_job(server, token_file, accept):
+    token = read_token(token_file)
+    _, lines = post(server, rpc("initialize", {"protocol_version": PROTOCOL_VERSION}), token=token)
+    session = lines[0]["result"]["session_id"]
+    stack = phantom_stack(40, 48, first_seed=9000 if accept == NDJSON_CONTENT_TYPE else 9500)
+    _, lines = post(server, rpc("set_volume", {"volume": encode_array(stack.astype(np.float32)),
+                                               "geometry": {"ijk_to_ras": np.eye(4).tolist()}}),
+                    token=token, session=session)
+    volume_id = lines[-1]["result"]["volume_id"]
+    job_id = f"walk-away-{accept.split('/')[-1]}"
+    body = json.dumps(rpc("propagate", {"volume_id": volume_id, "seed_k": 0, "organ": "liver", "direction": "up",
+                                        "seed_mask": encode_mask(np.ones((48, 48), bool)), "job_id": job_id}))
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("POST", "/rpc", body=body, headers={
+        "Content-Type": "application/json", "Accept": accept, "Authorization": f"Bearer {token}",
+        SESSION_HEADER: session})
+    if accept == NDJSON_CONTENT_TYPE:
+        response = connection.getresponse()
+        assert json.loads(response.readline())["method"] == "progress"   # the job is running
+    else:
+        assert wait_until(lambda: post(server, rpc("ping"), token=token)[1][-1]["result"]["active_jobs"] == 1)
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    assert wait_until(lambda: any(f"cancelling job {job_id}" in line for line in server.log_lines))
+    assert wait_until(lambda: post(server, rpc("ping"), token=token)[1][-1]["result"]["active_jobs"] == 0)
+    post(server, rpc("shutdown"), token=token, session=session)
 
 
 def test_plain_json_answer_without_ndjson_accept(server, token_file):

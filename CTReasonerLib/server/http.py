@@ -55,6 +55,12 @@ def _json_response(message: dict, status: int = 200, headers: Optional[dict] = N
     return Response(encode_line(message), status_code=status, media_type=JSON_CONTENT_TYPE, headers=headers)
 
 
+async def _wait_for_disconnect(request) -> None:
+    """Returns when the client closes the connection (the body has been read, so only that message is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(service: Service, token: Optional[str] = None):
     """The ASGI application. ``token``: the bearer token every /rpc request must carry (None: no auth)."""
     from starlette.applications import Starlette
@@ -98,26 +104,52 @@ def create_app(service: Service, token: Optional[str] = None):
 
         loop = asyncio.get_running_loop()
         messages: "asyncio.Queue" = asyncio.Queue()
+        jobs: list = []
 
         def enqueue(kind: str):
             return lambda message: loop.call_soon_threadsafe(messages.put_nowait, (kind, message))
 
         expects_response = await run_in_threadpool(
-            service.handle, body, request.headers.get(SESSION_HEADER), enqueue("response"), enqueue("notification"))
+            service.handle, body, request.headers.get(SESSION_HEADER), enqueue("response"), enqueue("notification"),
+            jobs.append)
         if not expects_response:
             return Response(status_code=204)
+
+        def client_gone():
+            # Nobody will read the answer: stop the model work instead of letting it hold the worker.
+            for job in jobs:
+                if job.state != "finished":
+                    log.info("client disconnected: cancelling job %s (%s)", job.job_id, job.method)
+                    job.cancel()
+
         if NDJSON_CONTENT_TYPE not in request.headers.get("accept", ""):
-            while True:
-                kind, message = await messages.get()
-                if kind == "response":
-                    return _json_response(message)
+            disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
+            try:
+                while True:
+                    answer = asyncio.ensure_future(messages.get())
+                    await asyncio.wait({answer, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+                    if not answer.done():
+                        answer.cancel()
+                        client_gone()
+                        return Response(status_code=499)  # never delivered; logged by no one
+                    kind, message = answer.result()
+                    if kind == "response":
+                        return _json_response(message)
+            finally:
+                disconnected.cancel()
 
         async def stream():
-            while True:
-                kind, message = await messages.get()
-                yield encode_line(message)
-                if kind == "response":
-                    return
+            answered = False
+            try:
+                while True:
+                    kind, message = await messages.get()
+                    yield encode_line(message)
+                    if kind == "response":
+                        answered = True
+                        return
+            finally:  # starlette cancels the stream when the client disconnects
+                if not answered:
+                    client_gone()
 
         return StreamingResponse(stream(), media_type=NDJSON_CONTENT_TYPE)
 

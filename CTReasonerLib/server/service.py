@@ -83,10 +83,13 @@ class Service:
             self.jobs.cancel_session(session.session_id)
         return len(expired)
 
-    def handle(self, raw: Any, session_id: Optional[str], respond: Send, notify: Send) -> bool:
+    def handle(self, raw: Any, session_id: Optional[str], respond: Send, notify: Send,
+               on_job: Optional[Callable[[Job], None]] = None) -> bool:
         """Serve one raw request (bytes, str or an already-decoded dict).
 
-        Returns whether ``respond`` will be called (not for JSON-RPC notifications, i.e. requests without id).
+        ``on_job`` receives the job a model method was queued as, so a transport can cancel it when its
+        client goes away. Returns whether ``respond`` will be called (not for JSON-RPC notifications, i.e.
+        requests without id).
         """
         request_id = None
         try:
@@ -122,6 +125,8 @@ class Service:
             job = Job(job_id, session.session_id, method, notify, answer)
             context.job = job
             self.jobs.submit(job, lambda running_job: spec.handler(context, params))
+            if on_job is not None:
+                on_job(job)
         except BaseException as exc:  # noqa: BLE001 - every failure is answered to its request
             answer(error=exc)
         return not is_notification
