@@ -517,6 +517,9 @@ def test_cli_curate_two_tiny_phantoms(tmp_path, capsys):
     assert sorted(info["subjects"]) == ["phantom0000", "phantom0001"] and info["source"].startswith("phantoms")
     samples = [s for split in ("train", "test") for s in CuratedDataset(out, split)]
     assert {s.task for s in samples} == {"seg", "det", "absent"}
+    # follow-up questions reach the dataset loader, and dataset.json counts them
+    assert info["counts"]["followup"] == sum(bool(s.history) for s in samples) + sum(
+        bool(s.history) for s in CuratedDataset(out, "val")) > 0
     # the phantom puts the liver on the patient's right and the spleen on the left (RAS through ijk_to_ras)
     sides = {(s.organ, s.description["position"]["side"]) for s in samples if s.present and s.organ in ("liver", "spleen")}
     assert ("liver", "right") in sides and ("spleen", "left") in sides

@@ -206,6 +206,7 @@ def _counts(records_by_split: Dict[str, List[Dict[str, Any]]], subjects: Dict[st
         "tasks": tally(lambda r: r["task"]), "review": tally(lambda r: r["review"]["state"]),
         "implicit": sum(r["implicit"] for r in every),
         "closer_look": sum(len(r["turns"]) > 1 for r in every),
+        "followup": sum(bool(r.get("history")) for r in every),
         "multi_instance": sum(len(r["boxes"]) > 1 for r in every),
     }
 
