@@ -145,11 +145,11 @@ class CTReasonerPipeline:
                 prepared = self._prepare(image_hu)
             with _timed(timings, "image_encoder"):
                 features = self._features(prepared.key, prepared.image)
-            sub_queries = split_compound_query(query)
-            results = [self._chat_one(prepared, features, normalize_query(sub.text), history, closer_look,
-                                      score_threshold, return_probabilities, timings) for sub in sub_queries]
+            questions = [normalize_query(sub.text) for sub in split_compound_query(query)]
+            results = [self._chat_one(prepared, features, question, history, closer_look, score_threshold,
+                                      return_probabilities, timings) for question in questions]
         result = results[0] if len(results) == 1 else _merge(results)
-        result.turns = [(normalize_query(sub.text), part.raw_text) for sub, part in zip(sub_queries, results)]
+        result.turns = [(question, part.raw_text) for question, part in zip(questions, results)]
         result.timings_ms = timings
         return result
 
@@ -377,7 +377,7 @@ def _checked_history(history) -> List[Tuple[str, str]]:
         if not (isinstance(turn, (tuple, list)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
             raise CTReasonerError(f"history[{index}] is not a (question, answer) pair of strings: {turn!r:.80}",
                                   "pass the earlier turns, e.g. history += result.history_turns(question)")
-    return [(str(question), str(answer)) for question, answer in history]
+    return [(question, answer) for question, answer in history]
 
 
 def _merge(results: List[ChatResult]) -> ChatResult:
