@@ -29,10 +29,15 @@ class MaskPrediction:
 
 @dataclass
 class BoxPrediction:
-    """One detected box, ``xyxy`` in pixels (x0, y0, x1, y1), inclusive-exclusive like numpy slices."""
+    """One detected box, ``xyxy`` in pixels (x0, y0, x1, y1), inclusive-exclusive like numpy slices.
+
+    source: "detection" (the [DET] box head) or "mask" (a connected component of the organ's mask, when
+    the model's ``detection.box_source`` is "fused").
+    """
     organ: str
     xyxy: np.ndarray
     score: float
+    source: str = "detection"
 
 
 @dataclass

@@ -113,6 +113,70 @@ def test_several_tokens_are_all_handled(pipeline, slice_hu, monkeypatch):
     assert scores == sorted(scores, reverse=True)
 
 
+def disc_masks(pipeline, monkeypatch):
+    """Every mask decode returns a disc in its own frame (the slice, or a closer-look crop)."""
+    original = pipeline._decode
+
+    def decode(features, prompts):
+        logits, scores = original(features, prompts)
+        side = logits.shape[-1]
+        yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        disc = ((yy - side * 0.35) ** 2 + (xx - side * 0.45) ** 2) < (side * 0.12) ** 2
+        return torch.where(disc, 8.0, -8.0).expand_as(logits).clone(), scores
+
+    monkeypatch.setattr(pipeline, "_decode", decode)
+
+
+def test_fused_boxes_rank_the_organs_mask_components_before_the_detection_head(pipeline, slice_hu, monkeypatch):
+    from torchvision.ops import box_iou
+
+    disc_masks(pipeline, monkeypatch)
+    script(pipeline, monkeypatch, "The liver [DET]", "The liver [DET]", "The liver [SEG]", "Zooming in. [CLOSER]")
+    alone = pipeline.chat(slice_hu, "Where is the liver?", score_threshold=0.0, box_source="detection")
+    fused = pipeline.chat(slice_hu, "Where is the liver?", score_threshold=0.0, box_source="fused")
+    assert alone.boxes and {b.source for b in alone.boxes} == {"detection"}
+    assert fused.routing_tokens == ["[DET]"] and not fused.masks  # the mask pass only places boxes
+    assert [b.source for b in fused.boxes][:1] == ["mask"] and "mask_boxes" in fused.timings_ms
+    from_mask = [b for b in fused.boxes if b.source == "mask"]
+    from_head = [b for b in fused.boxes if b.source == "detection"]
+    assert fused.boxes == from_mask + from_head  # every mask box outranks the head's (scores x 0.5 <= 0.5)
+    weight = pipeline.config.detection.fusion_detection_weight
+    head_scores = {tuple(np.round(b.xyxy, 3)): b.score for b in alone.boxes}
+    for box in from_head:
+        assert box.score == pytest.approx(weight * head_scores[tuple(np.round(box.xyxy, 3))], rel=1e-6)
+    # a head box left out overlaps a kept box that outranks it (a mask box, or a better head box) by IoU > 0.5
+    kept_head = {tuple(np.round(f.xyxy, 3)) for f in from_head}
+    for box in alone.boxes:
+        if tuple(np.round(box.xyxy, 3)) in kept_head:
+            continue
+        better = [b.xyxy for b in fused.boxes if b.source == "mask" or b.score > weight * box.score]
+        overlap = box_iou(torch.as_tensor(np.asarray(box.xyxy, np.float64)[None]),
+                          torch.as_tensor(np.array(better, dtype=np.float64)))
+        assert overlap.max() > pipeline.config.detection.fusion_iou
+    x0, y0, x1, y1 = from_mask[0].xyxy
+    assert 0 <= x0 < x1 <= slice_hu.shape[1] and 0 <= y0 < y1 <= slice_hu.shape[0] and from_mask[0].score > 0.99
+
+
+def test_fused_boxes_keep_the_detection_boxes_when_the_mask_pass_finds_nothing(pipeline, slice_hu, monkeypatch):
+    script(pipeline, monkeypatch, "The liver [DET]", "The liver [DET]", "The liver is not visible on this slice.")
+    alone = pipeline.chat(slice_hu, "Where is the liver?", score_threshold=0.0, box_source="detection")
+    fused = pipeline.chat(slice_hu, "Where is the liver?", score_threshold=0.0, box_source="fused")
+    assert [(b.xyxy.tolist(), b.score, b.source) for b in fused.boxes] == \
+        [(b.xyxy.tolist(), b.score, b.source) for b in alone.boxes]
+
+
+def test_box_source_is_checked(pipeline):
+    from CTReasonerLib.errors import ConfigError
+    from CTReasonerLib.model.detection import DetectionHeadConfig
+
+    with pytest.raises(CTReasonerError, match="box_source must be one of"):
+        pipeline.chat(np.zeros((8, 8)), "Where is the liver?", box_source="boxes")
+    with pytest.raises(ConfigError, match="box_source"):
+        DetectionHeadConfig.from_dict({"box_source": "mask"})
+    with pytest.raises(ConfigError, match="does not name the organ"):
+        DetectionHeadConfig(fusion_query="Segment it.")
+
+
 def test_absent_target_gets_no_mask(pipeline, slice_hu, monkeypatch):
     script(pipeline, monkeypatch, "The gallbladder is not visible on this slice.")
     result = pipeline.chat(slice_hu, "Segment the gallbladder.", closer_look=True)

@@ -283,3 +283,19 @@ def test_propagation_order():
     assert propagation_order(5, 2, 8, "up") == [[6, 7, 8]]
     assert propagation_order(5, 2, 8, "down") == [[4, 3, 2]]
     assert propagation_order(5, 5, 6, "both") == [[6], []]
+
+
+def test_chat_result_round_trip_keeps_each_boxs_source():
+    from CTReasonerLib.client.client import decode_chat_result
+    from CTReasonerLib.results import BoxPrediction, ChatResult
+    from CTReasonerLib.server.methods import encode_chat_result
+
+    result = ChatResult(text="found", routing_tokens=["[DET]"], target_organ="liver",
+                        boxes=[BoxPrediction("liver", np.array([1, 2, 9, 8]), 0.97, "mask"),
+                               BoxPrediction("liver", np.array([20, 20, 30, 31]), 0.3, "detection")])
+    wire = json.loads(json.dumps(encode_chat_result(result, "bitpack", False)))
+    decoded = decode_chat_result(wire, (40, 40))
+    assert [(b.xyxy.tolist(), b.score, b.source) for b in decoded.boxes] == \
+        [([1, 2, 9, 8], 0.97, "mask"), ([20, 20, 30, 31], 0.3, "detection")]
+    del wire["boxes"][1]["source"]  # an older server: boxes came from the detection head
+    assert decode_chat_result(wire, (40, 40)).boxes[1].source == "detection"

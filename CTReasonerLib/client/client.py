@@ -711,7 +711,8 @@ def decode_chat_result(result: dict, shape: Tuple[int, int]) -> ChatResult:
         absent=bool(result.get("absent", False)),
         masks=[decode_mask_entry(entry, shape) for entry in result.get("masks", [])],
         boxes=[BoxPrediction(organ=str(b.get("organ", "")), xyxy=np.asarray(b["xyxy"], dtype=np.float64),
-                             score=float(b.get("score", 1.0))) for b in result.get("boxes", [])],
+                             score=float(b.get("score", 1.0)), source=str(b.get("source", "detection")))
+               for b in result.get("boxes", [])],
         closer_look=CloserLookInfo(ran=bool(closer.get("ran", False)),
                                    roi_xyxy=None if roi is None else np.asarray(roi, dtype=np.float64),
                                    canonical_size=int(closer.get("canonical_size", 0)),

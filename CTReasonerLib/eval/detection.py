@@ -16,8 +16,9 @@ from typing import Dict, Hashable, List, Sequence, Tuple
 import numpy as np
 import torch
 
+from CTReasonerLib.model.detection.box_fusion import MASK_BOX_CONFIDENCES, mask_to_boxes  # noqa: F401 (re-exported)
+
 PAPER_IOU_THRESHOLD = 0.1
-MASK_BOX_CONFIDENCES = ("area", "max_prob")
 
 
 @dataclass
@@ -70,35 +71,3 @@ def _interpolated_area(recall: np.ndarray, precision: np.ndarray) -> float:
     precision = np.maximum.accumulate(precision[::-1])[::-1]
     steps = np.nonzero(recall[1:] != recall[:-1])[0]
     return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
-
-
-def mask_to_boxes(probability: np.ndarray, threshold: float = 0.5, confidence: str = "area",
-                  ) -> List[Tuple[List[int], float]]:
-    """Boxes of the 8-connected components of ``probability >= threshold`` with a confidence each (Table 7).
-
-    confidence: ``"area"`` = the component's share of the thresholded mask's pixels (the largest
-    component of a clean mask scores near 1, stray specks near 0); ``"max_prob"`` = the highest
-    probability inside the component.
-    probability: (H, W) float in [0, 1] (a binary mask works for "area").
-    Returns [([x0, y0, x1, y1], confidence)], largest component first.
-    """
-    from scipy import ndimage
-
-    if confidence not in MASK_BOX_CONFIDENCES:
-        raise ValueError(f"confidence must be one of {MASK_BOX_CONFIDENCES}, got {confidence!r}")
-    probability = np.asarray(probability, dtype=np.float32)
-    components, count = ndimage.label(probability >= threshold, structure=np.ones((3, 3), dtype=bool))
-    if count == 0:
-        return []
-    labels = np.arange(1, count + 1)
-    areas = np.bincount(components.ravel(), minlength=count + 1)[1:]
-    if confidence == "area":
-        scores = areas / areas.sum()
-    else:
-        scores = np.asarray(ndimage.maximum(probability, components, labels), dtype=np.float64)
-    extents = ndimage.find_objects(components)
-    boxes = []
-    for index in np.argsort(-areas, kind="stable"):
-        rows, cols = extents[index]
-        boxes.append(([int(cols.start), int(rows.start), int(cols.stop), int(rows.stop)], float(scores[index])))
-    return boxes

@@ -51,7 +51,8 @@ class SampleOutcome:
     closer_look_ran: bool = False
     target_area_mm2: float = 0.0
     gt_boxes: List[List[float]] = field(default_factory=list)
-    boxes: List[Tuple[List[float], float]] = field(default_factory=list)            # det branch
+    boxes: List[Tuple[List[float], float]] = field(default_factory=list)            # the boxes a user gets
+    detection_branch_boxes: List[Tuple[List[float], float]] = field(default_factory=list)  # [DET] head alone
     mask_boxes_area: List[Tuple[List[float], float]] = field(default_factory=list)
     mask_boxes_max_prob: List[Tuple[List[float], float]] = field(default_factory=list)
     seconds: float = 0.0
@@ -129,9 +130,19 @@ def evaluate_sample(pipeline, sample, metrics: SegmentationMetrics, settings: Ev
         outcome.mask_boxes_area = mask_to_boxes(probability, settings.mask_threshold, "area")
         outcome.mask_boxes_max_prob = mask_to_boxes(probability, settings.mask_threshold, "max_prob")
     if sample.task == "det" or (sample.task == "absent" and sample.query_task == "det"):
-        outcome.boxes = [(np.asarray(b.xyxy, dtype=float).tolist(), float(b.score)) for b in result.boxes]
+        outcome.boxes = _scored_boxes(result.boxes)
+        outcome.detection_branch_boxes = outcome.boxes
+        if pipeline.config.detection.box_source != "detection" and result.boxes:
+            # fused boxes: the detection branch alone, for Table 7 (same greedy answer, no mask pass)
+            branch = pipeline.chat(image, query, history, closer_look=False, score_threshold=settings.ap_score_floor,
+                                   return_probabilities=False, box_source="detection")
+            outcome.detection_branch_boxes = _scored_boxes(branch.boxes)
     outcome.seconds = time.perf_counter() - start
     return outcome
+
+
+def _scored_boxes(boxes) -> List[Tuple[List[float], float]]:
+    return [(np.asarray(b.xyxy, dtype=float).tolist(), float(b.score)) for b in boxes]
 
 
 def evaluate(pipeline, samples: Sequence, settings: Optional[EvalSettings] = None, progress: bool = True,
@@ -143,7 +154,9 @@ def evaluate(pipeline, samples: Sequence, settings: Optional[EvalSettings] = Non
     metrics = SegmentationMetrics(settings.nsd_tolerance_mm)
     outcomes = [evaluate_sample(pipeline, sample, metrics, settings)
                 for sample in tqdm(samples, desc="eval", unit="sample", disable=not progress)]
-    return summarize(outcomes, settings), outcomes
+    summary = summarize(outcomes, settings)
+    summary["box_source"] = pipeline.config.detection.box_source
+    return summary, outcomes
 
 
 def stratified_subset(records: Sequence[Dict[str, Any]], limit: Optional[int]) -> List[int]:
@@ -223,6 +236,7 @@ def summarize(outcomes: Sequence[SampleOutcome], settings: EvalSettings) -> Dict
         "counts": {task: sum(o.task == task for o in outcomes) for task in ("seg", "det", "absent")},
         "segmentation": _segmentation_table(seg, "scores"),
         "detection": _ap_table(outcomes, "boxes", ("det",), settings.iou_threshold),
+        "detection_branch": _ap_table(outcomes, "detection_branch_boxes", ("det",), settings.iou_threshold),
         "mask_to_box": {
             "area": _ap_table(outcomes, "mask_boxes_area", ("seg",), settings.iou_threshold),
             "max_prob": _ap_table(outcomes, "mask_boxes_max_prob", ("seg",), settings.iou_threshold),

@@ -119,17 +119,28 @@ def render_report(summary: Dict[str, Any], title: str = "CTReasoner evaluation")
     ])
 
     lines += ["## Table 7 layout: detection branch vs mask-derived boxes (mAP@0.1 %)", ""]
-    boxes = summary["mask_to_box"]
-    rows = [["Detection branch"] + [percent(det["per_organ"].get(k, {}).get("ap")) for k in TABLE7_ORGANS] + [percent(det["map"])],
+    boxes, branch = summary["mask_to_box"], summary.get("detection_branch", det)
+    box_source = summary.get("box_source", "detection")
+    rows = [["Detection branch"] + [percent(branch["per_organ"].get(k, {}).get("ap")) for k in TABLE7_ORGANS]
+            + [percent(branch["map"])],
             ["Mask→Box (area conf.)"] + [percent(boxes["area"]["per_organ"].get(k, {}).get("ap")) for k in TABLE7_ORGANS]
             + [percent(boxes["area"]["map"])],
             ["Mask→Box (max-prob conf.)"] + [percent(boxes["max_prob"]["per_organ"].get(k, {}).get("ap")) for k in TABLE7_ORGANS]
             + [percent(boxes["max_prob"]["map"])]]
+    if box_source != "detection":
+        rows.append([f"Shipped boxes (box_source = {box_source})"]
+                    + [percent(det["per_organ"].get(k, {}).get("ap")) for k in TABLE7_ORGANS] + [percent(det["map"])])
     rows += [[name] + [f"{v:.2f}" for v in values] + ["–"] for name, values in PAPER_TABLE7]
     lines += _table(["Method"] + [get_organ(k).abbreviation for k in TABLE7_ORGANS] + ["Mean, all organs"], rows)
     lines += ["Mask→Box boxes are the connected components of the final mask of each segmentation query; "
               "area conf. = the component's share of the mask's pixels, max-prob conf. = the highest mask "
-              "probability inside it.", ""]
+              "probability inside it."]
+    if box_source != "detection":
+        lines += [f"Shipped boxes are what a detection query returns with `detection.box_source = {box_source}`: "
+                  "the same organ is also segmented (with a closer look), its mask's boxes (max-prob conf.) rank "
+                  "first, and the detection branch's boxes, scores times `detection.fusion_detection_weight`, fill "
+                  "in where they overlap none of them. Table 1's detection row scores these boxes."]
+    lines += [""]
     return "\n".join(lines)
 
 

@@ -147,7 +147,7 @@ def _result_record(query: str, result: ChatResult) -> dict:
         "masks": [{"organ": m.organ, "score": float(m.score), "round": int(m.round),
                    "pixels": int(np.count_nonzero(m.mask))} for m in result.masks],
         "boxes": [{"organ": b.organ, "xyxy": [float(v) for v in np.asarray(b.xyxy).reshape(4)],
-                   "score": float(b.score)} for b in result.boxes],
+                   "score": float(b.score), "source": b.source} for b in result.boxes],
         "closer_look": {"ran": bool(look.ran), "organ": look.organ, "canonical_size": int(look.canonical_size),
                         "token_generated": bool(getattr(look, "token_generated", True)),
                         "roi_xyxy": None if look.roi_xyxy is None else [float(v) for v in np.asarray(look.roi_xyxy)]},

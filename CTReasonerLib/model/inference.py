@@ -3,7 +3,8 @@
     slice (HU) --windows, square--> segmenter features (cached per image content) and the LVLM image
     query + history --LVLM generate (KV cache on)--> text with routing tokens
     [SEG]    -> mask (full resolution, probabilities)
-    [DET]    -> boxes above the score threshold (several per organ when it is split)
+    [DET]    -> boxes above the score threshold (several per organ when it is split); with
+                detection.box_source "fused" also the boxes of the same organ's mask, ranked first
     closer look (the model's [CLOSER], the user's request, or ``closer_look=True``):
         ROI from the round-1 mask (or best box) -> crop, resize to the canonical size -> round 2 with the
         closer-look question on the crop -> [CLOSER] state -> mask on the crop -> pasted back over round 1.
@@ -30,6 +31,8 @@ import torch.nn.functional as F
 from CTReasonerLib.errors import CTReasonerError, InputFileError
 from CTReasonerLib.model.closer_look import crop_and_resize, paste_back, roi_from_mask
 from CTReasonerLib.model.detection import postprocess_detections
+from CTReasonerLib.model.detection.head import BOX_SOURCES
+from CTReasonerLib.model.detection.box_fusion import fuse_boxes, mask_to_boxes
 from CTReasonerLib.model.image_processing import ResizeToSquare
 from CTReasonerLib.model.lvlm import Conversation, LVLMBatch
 from CTReasonerLib.model.query import (is_closer_request, normalize_query, resolve_organ, says_not_visible,
@@ -131,13 +134,20 @@ class CTReasonerPipeline:
     # ---- chat -----------------------------------------------------------------------------------
     @_inference
     def chat(self, image_hu, query: str, history: Sequence[Tuple[str, str]] = (), closer_look: Optional[bool] = None,
-             score_threshold: Optional[float] = None, return_probabilities: bool = True) -> ChatResult:
+             score_threshold: Optional[float] = None, return_probabilities: bool = True,
+             box_source: Optional[str] = None) -> ChatResult:
         """One chat turn. ``closer_look``: True always runs round 2 on a segmented target, False never,
         None follows the model's [CLOSER] token or a request in ``query`` ("have a closer look").
         ``history``: the earlier (question, answer) turns, oldest first; after each turn append
-        ``result.history_turns(query)`` (the model's own single-organ turns) to continue the dialogue."""
+        ``result.history_turns(query)`` (the model's own single-organ turns) to continue the dialogue.
+        ``box_source``: "detection" or "fused" for this turn's [DET] boxes; None = the model's
+        ``detection.box_source`` (see :class:`DetectionHeadConfig`)."""
         if not isinstance(query, str) or not query.strip():
             raise CTReasonerError("the question is empty", "type what you want to know about the slice")
+        box_source = box_source or self.config.detection.box_source
+        if box_source not in BOX_SOURCES:
+            raise CTReasonerError(f"box_source must be one of {BOX_SOURCES}, got {box_source!r}",
+                                  'pass "detection" (the [DET] head alone) or "fused", or leave it out')
         history = [(normalize_query(asked), answer) for asked, answer in _checked_history(history)]
         timings: Dict[str, float] = {}
         with _timed(timings, "total"):
@@ -147,7 +157,7 @@ class CTReasonerPipeline:
                 features = self._features(prepared.key, prepared.image)
             questions = [normalize_query(sub.text) for sub in split_compound_query(query)]
             results = [self._chat_one(prepared, features, question, history, closer_look, score_threshold,
-                                      return_probabilities, timings) for question in questions]
+                                      return_probabilities, box_source, timings) for question in questions]
         result = results[0] if len(results) == 1 else _merge(results)
         result.turns = [(question, part.raw_text) for question, part in zip(questions, results)]
         result.timings_ms = timings
@@ -155,7 +165,7 @@ class CTReasonerPipeline:
 
     def _chat_one(self, prepared: _Slice, features, query: str, history: List[Tuple[str, str]],
                   closer_look: Optional[bool], score_threshold: Optional[float], probabilities: bool,
-                  timings: Dict[str, float]) -> ChatResult:
+                  box_source: str, timings: Dict[str, float]) -> ChatResult:
         round1_query, round1_history, closer_query = query, history, None
         if closer_look is not False and is_closer_request(query) and history and resolve_organ(query) in (None, resolve_organ(history[-1][0])):
             # "have a closer look" after an earlier turn: redo that turn's round 1 (its features are cached),
@@ -165,6 +175,9 @@ class CTReasonerPipeline:
             generation = self._generate(prepared.image, round1_history + [(round1_query, None)])
         with _timed(timings, "heads"):
             first = self._heads(generation, prepared, features, round1_query, score_threshold)
+        if DET_TOKEN in first.tokens and first.organ and box_source == "fused":
+            with _timed(timings, "mask_boxes"):
+                first.boxes = self._fused_boxes(prepared, features, round1_history, first, score_threshold)
         masks = [self._mask_prediction(first.organ, logits, score, prepared.transform, 1, probabilities)
                  for logits, score in zip(first.mask_logits, first.mask_scores)]
         tokens = list(first.tokens)
@@ -211,6 +224,29 @@ class CTReasonerPipeline:
                 result.boxes += [BoxPrediction(result.organ or "", box, float(score))
                                  for box, score in zip(found["boxes"], found["scores"])]
         return result
+
+    def _fused_boxes(self, prepared: _Slice, features, history: List[Tuple[str, Optional[str]]], located: _Round,
+                     score_threshold: Optional[float]) -> List[BoxPrediction]:
+        """``detection.box_source = "fused"``: segment the organ ``located`` found (with a closer look), then
+        rank its mask's component boxes before the detection head's (``box_fusion.fuse_boxes``). When that
+        segmentation answers "not visible", the detection boxes stand as they are."""
+        detection, name = self.config.detection, _organ_name(located.organ)
+        question = detection.fusion_query.format(name=name)
+        segmented = self._heads(self._generate(prepared.image, history + [(question, None)]), prepared, features,
+                                question, None)
+        if not segmented.mask_logits:
+            return located.boxes
+        closer, _ = self._closer_round(prepared, segmented, question, self.config.closer_look.query.format(name=name))
+        probability = torch.sigmoid((closer.mask_logits or segmented.mask_logits)[0].float()).cpu().numpy()
+        from_mask = mask_to_boxes(probability, 0.5, "max_prob")
+        weight = detection.fusion_detection_weight
+        order = fuse_boxes(from_mask, [(b.xyxy, b.score) for b in located.boxes], weight, detection.fusion_iou)
+        threshold = detection.score_threshold if score_threshold is None else score_threshold
+        boxes = [BoxPrediction(located.organ, np.asarray(from_mask[i][0], dtype=np.float32), from_mask[i][1], "mask")
+                 if source == 0 else BoxPrediction(located.boxes[i].organ, located.boxes[i].xyxy,
+                                                   located.boxes[i].score * weight, "detection")
+                 for source, i in order]
+        return [box for box in boxes if box.score >= threshold]
 
     def _decode(self, features, prompts: torch.Tensor) -> Tuple[torch.Tensor, List[float]]:
         image_index = torch.zeros(len(prompts), dtype=torch.long, device=prompts.device)

@@ -123,7 +123,7 @@ def encode_chat_result(result: ChatResult, mask_encoding: str, with_probability:
         "absent": bool(result.absent),
         "masks": [encode_mask_entry(m, mask_encoding, with_probability) for m in result.masks],
         "boxes": [{"organ": b.organ, "xyxy": [float(v) for v in np.asarray(b.xyxy).reshape(4)],
-                   "score": _finite_or_none(b.score)} for b in result.boxes],
+                   "score": _finite_or_none(b.score), "source": b.source} for b in result.boxes],
         "closer_look": {"ran": bool(closer.ran),
                         "roi_xyxy": None if closer.roi_xyxy is None else [float(v) for v in np.asarray(closer.roi_xyxy)],
                         "canonical_size": int(closer.canonical_size), "organ": closer.organ},

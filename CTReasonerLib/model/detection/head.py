@@ -13,6 +13,9 @@ from CTReasonerLib.errors import ConfigError
 from CTReasonerLib.model.segmenter.base import ImageFeatures
 
 
+BOX_SOURCES = ("detection", "fused")
+
+
 @dataclass
 class DetectionHeadConfig:
     """num_queries Q box hypotheses per [DET] token; dim must equal the image-embedding width (256)."""
@@ -24,6 +27,24 @@ class DetectionHeadConfig:
     score_threshold: float = 0.5
     #: initial objectness probability, so that the many unmatched queries do not dominate early BCE
     prior_probability: float = 0.1
+    #: where the boxes of an answered [DET] come from at inference. "detection": this head alone (the
+    #: paper). "fused": the pipeline also asks ``fusion_query`` about the same organ (one more generation,
+    #: with a closer look), ranks the boxes of that mask's connected components first (confidence = their
+    #: highest probability) and adds this head's boxes, scores times ``fusion_detection_weight``, where
+    #: they overlap no kept box by more than ``fusion_iou`` (``box_fusion.fuse_boxes``). For models whose
+    #: masks locate better than this head (the evaluation report's Table 7).
+    box_source: str = "detection"
+    fusion_query: str = "Segment the {name}."
+    fusion_detection_weight: float = 0.5
+    fusion_iou: float = 0.5
+
+    def __post_init__(self):
+        if self.box_source not in BOX_SOURCES:
+            raise ConfigError(f"detection.box_source must be one of {BOX_SOURCES}, got {self.box_source!r}",
+                              'use "detection" (the paper) or "fused" (see DetectionHeadConfig)')
+        if "{name}" not in self.fusion_query:
+            raise ConfigError(f"detection.fusion_query {self.fusion_query!r} does not name the organ",
+                              'put "{name}" where the organ goes, e.g. "Segment the {name}."')
 
     def to_dict(self) -> dict:
         return asdict(self)
