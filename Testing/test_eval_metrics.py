@@ -143,7 +143,9 @@ class ScriptedPipeline:
     ``score_threshold``. ``wrong_routing`` ids get [DET] for a seg query.
     """
 
-    def __init__(self, samples, wrong_routing=(), det_score=0.9, absent_box_score=0.2, box_source="detection"):
+    def __init__(self, samples, wrong_routing=(), det_score=0.9, absent_box_score=0.2, box_source="detection",
+                 overrule_absent=False):
+        self.overrule_absent = overrule_absent  # absent answers come from the presence gate
         # box_source "fused": the shipped boxes are right, the detection branch alone misses every other organ
         self.config = SimpleNamespace(detection=SimpleNamespace(score_threshold=0.5, box_source=box_source))
         self.by_query = {s.turns[0]["query"]: s for s in samples}
@@ -161,7 +163,7 @@ class ScriptedPipeline:
         threshold = self.config.detection.score_threshold if score_threshold is None else score_threshold
         if sample.task == "absent":
             stray = [BoxPrediction(sample.organ, np.array([1, 1, 5, 5]), self.absent_box_score)]
-            return ChatResult(text="not visible", absent=True,
+            return ChatResult(text="not visible", absent=True, presence_overruled=self.overrule_absent,
                               boxes=[b for b in stray if b.score >= threshold])
         if sample.task == "det":
             source = box_source or self.config.detection.box_source
@@ -254,6 +256,17 @@ def test_fused_boxes_are_scored_as_shipped_and_the_detection_branch_alone_for_ta
     assert "| Detection branch |" in report and "| Shipped boxes (box_source = fused) |" in report
     plain, _ = evaluate(ScriptedPipeline(samples), samples, EvalSettings(closer_ablation=False), progress=False)
     assert plain["detection_branch"] == plain["detection"] and "Shipped boxes" not in render_report(plain)
+
+
+def test_presence_gate_overrules_are_counted_and_reported():
+    samples = _scenario()
+    summary, outcomes = evaluate(ScriptedPipeline(samples, overrule_absent=True), samples,
+                                 EvalSettings(closer_ablation=False), progress=False)
+    assert summary["absent"]["overruled_absent"] == 14 and summary["absent"]["overruled_present"] == 0
+    assert sum(o.presence_overruled for o in outcomes) == 14
+    assert "presence gate overruled 14 routed answers: 14 on absent targets" in render_report(summary)
+    plain, _ = evaluate(ScriptedPipeline(samples), samples, EvalSettings(closer_ablation=False), progress=False)
+    assert "presence gate" not in render_report(plain)
 
 
 def test_report_without_ablation_and_with_missing_organs():

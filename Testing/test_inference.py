@@ -177,6 +177,47 @@ def test_box_source_is_checked(pipeline):
         DetectionHeadConfig(fusion_query="Segment it.")
 
 
+def test_presence_gate_overrules_a_routed_answer_below_it(pipeline, slice_hu, monkeypatch):
+    from CTReasonerLib.model.lvlm import Conversation
+
+    monkeypatch.setattr(pipeline.config, "presence_gate", 1.0)  # every probability is below it
+    script(pipeline, monkeypatch, "The liver [SEG]", "The liver [SEG]", "The liver is not visible on this slice.",
+           "The liver [SEG]")
+    result = pipeline.chat(slice_hu, "Segment the liver.", closer_look=True)
+    assert result.presence_overruled and result.absent and not result.masks and not result.boxes
+    assert result.routing_tokens == [] and not result.closer_look.ran
+    assert result.text.startswith("The liver is not visible on this slice. (Presence check ")
+    assert "overruled" in result.text and result.target_organ == "liver"
+    # the history keeps the plain answer, the form the model was trained on
+    assert result.turns == [("Segment the liver.", "The liver is not visible on this slice.")]
+    # the probability is the head on the prompt's image-token states (a teacher-forced forward agrees)
+    lvlm, model = pipeline.model.lvlm, pipeline.model
+    image, _, _ = model.slice_input(slice_hu)
+    batch = lvlm.batch([Conversation(image, [("Segment the liver.", None)])])
+    with torch.no_grad():
+        _, hidden = lvlm(batch)
+        expected = torch.sigmoid(model.presence_head(hidden.float(), batch.input_ids == lvlm.image_token_id))[0, 5]
+    assert result.presence == pytest.approx(float(expected), abs=1e-4)  # liver = label 6
+
+    monkeypatch.setattr(pipeline.config, "presence_gate", 0.0)   # nothing is below it
+    kept = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False)
+    assert not kept.presence_overruled and kept.masks and kept.presence == pytest.approx(result.presence, abs=1e-4)
+    assert pipeline.chat(slice_hu, "Segment the liver.").presence is None  # an absent answer is not checked
+    monkeypatch.setattr(pipeline.config, "presence_gate", None)
+    assert pipeline.chat(slice_hu, "Segment the liver.", closer_look=False).presence is None
+
+
+def test_presence_gate_config_is_checked():
+    from CTReasonerLib.errors import ConfigError
+    from CTReasonerLib.model.config import CTReasonerConfig
+
+    with pytest.raises(ConfigError, match=r"presence_gate must be a probability"):
+        CTReasonerConfig.from_dict({"presence_gate": 1.5, "loss": {"presence": 1.0}})
+    with pytest.raises(ConfigError, match=r"loss.presence > 0"):
+        CTReasonerConfig.from_dict({"presence_gate": 0.25})
+    assert CTReasonerConfig.from_dict({"presence_gate": 0.25, "loss": {"presence": 1.0}}).presence_gate == 0.25
+
+
 def test_absent_target_gets_no_mask(pipeline, slice_hu, monkeypatch):
     script(pipeline, monkeypatch, "The gallbladder is not visible on this slice.")
     result = pipeline.chat(slice_hu, "Segment the gallbladder.", closer_look=True)

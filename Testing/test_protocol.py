@@ -285,17 +285,24 @@ def test_propagation_order():
     assert propagation_order(5, 5, 6, "both") == [[6], []]
 
 
-def test_chat_result_round_trip_keeps_each_boxs_source():
+def test_chat_result_round_trip_keeps_box_sources_and_the_presence_check():
     from CTReasonerLib.client.client import decode_chat_result
     from CTReasonerLib.results import BoxPrediction, ChatResult
     from CTReasonerLib.server.methods import encode_chat_result
 
     result = ChatResult(text="found", routing_tokens=["[DET]"], target_organ="liver",
                         boxes=[BoxPrediction("liver", np.array([1, 2, 9, 8]), 0.97, "mask"),
-                               BoxPrediction("liver", np.array([20, 20, 30, 31]), 0.3, "detection")])
+                               BoxPrediction("liver", np.array([20, 20, 30, 31]), 0.3, "detection")],
+                        presence=0.8)
     wire = json.loads(json.dumps(encode_chat_result(result, "bitpack", False)))
     decoded = decode_chat_result(wire, (40, 40))
     assert [(b.xyxy.tolist(), b.score, b.source) for b in decoded.boxes] == \
         [([1, 2, 9, 8], 0.97, "mask"), ([20, 20, 30, 31], 0.3, "detection")]
-    del wire["boxes"][1]["source"]  # an older server: boxes came from the detection head
-    assert decode_chat_result(wire, (40, 40)).boxes[1].source == "detection"
+    assert decoded.presence == pytest.approx(0.8) and not decoded.presence_overruled
+    overruled = ChatResult(text="The liver is not visible on this slice.", absent=True, presence=0.1,
+                           presence_overruled=True)
+    back = decode_chat_result(json.loads(json.dumps(encode_chat_result(overruled, "bitpack", False))), (40, 40))
+    assert back.presence == pytest.approx(0.1) and back.presence_overruled and back.absent
+    del wire["boxes"][1]["source"], wire["presence"], wire["presence_overruled"]  # an older server
+    older = decode_chat_result(wire, (40, 40))
+    assert older.boxes[1].source == "detection" and older.presence is None and not older.presence_overruled

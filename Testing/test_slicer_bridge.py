@@ -216,9 +216,12 @@ def test_closer_look_roi_and_box_numbering(slicer_scene):
     volume = make_volume()
     result = chat("pancreas", mask=disc_mask((9, 9), 3), boxes=[((2, 2, 6, 6), 0.5), ((8, 8, 12, 14), 0.71)],
                   closer_roi=(3, 3, 15, 15), round_=2)
+    result.boxes[1].source = "mask"  # a fused box (detection.box_source "fused")
     applied = apply_results(volume, {1: result}, PROVENANCE)
     names = [slicer_scene.GetNodeByID(i).GetName() for i in applied.box_roi_ids]
     assert names == ["pancreas box 1 (0.50)", "pancreas box 2 (0.71)"]
+    assert [slicer_scene.GetNodeByID(i).GetAttribute(rois.ATTR_BOX_SOURCE) for i in applied.box_roi_ids] == \
+        ["detection", "mask"]
     (look_id,) = applied.closer_look_roi_ids
     look = slicer_scene.GetNodeByID(look_id)
     assert look.GetName() == "pancreas closer look (slice 1)"

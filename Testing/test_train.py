@@ -57,13 +57,18 @@ def test_config_yaml_overrides_and_type_checks(tmp_path):
 def test_shipped_configs_load():
     tiny = load_train_config(str(REPO / "configs" / "tiny_cpu.yaml"))
     assert tiny.model.source == "tiny" and tiny.data.phantoms and tiny.run.max_minutes <= 85
+    from CTReasonerLib.model.config import CTReasonerConfig
+
+    tiny_model = CTReasonerConfig.from_dict(tiny.model.config)  # the inference settings the committed model has
+    shipped = CTReasonerConfig.load(str(REPO / "Resources" / "Models" / "CTReasoner-Tiny"))
+    assert tiny_model.detection.box_source == shipped.detection.box_source == "fused"
+    assert tiny_model.presence_gate == shipped.presence_gate == 0.25
     finetune = load_train_config(str(REPO / "configs" / "tiny_cpu_finetune.yaml"))
     assert finetune.model.source == "pretrained" and finetune.data.records_per_slice > 1
     assert finetune.run.max_minutes <= 85
     gpu = load_train_config(str(REPO / "configs" / "tiny_gpu_finetune.yaml"))
     assert gpu.model.source == "pretrained" and gpu.run.precision == "auto"
     from CTReasonerLib.commands.train import training_overrides
-    from CTReasonerLib.model.config import CTReasonerConfig
 
     loss = training_overrides(CTReasonerConfig(), gpu.model.config).loss  # what the fine-tune applies
     assert loss.lm_decision_span == 12 and loss.seg_dense > 0 and loss.presence > 0

@@ -718,4 +718,6 @@ def decode_chat_result(result: dict, shape: Tuple[int, int]) -> ChatResult:
                                    canonical_size=int(closer.get("canonical_size", 0)),
                                    organ=closer.get("organ")),
         timings_ms={str(k): float(v) for k, v in (result.get("timings_ms") or {}).items()},
+        presence=None if result.get("presence") is None else float(result["presence"]),
+        presence_overruled=bool(result.get("presence_overruled", False)),
     )

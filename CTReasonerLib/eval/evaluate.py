@@ -49,6 +49,7 @@ class SampleOutcome:
     scores: Optional[Dict[str, float]] = None             # final mask (seg records)
     scores_round1: Optional[Dict[str, float]] = None      # round-1 mask (seg records, ablation)
     closer_look_ran: bool = False
+    presence_overruled: bool = False                      # the model's presence gate overruled a routed answer
     target_area_mm2: float = 0.0
     gt_boxes: List[List[float]] = field(default_factory=list)
     boxes: List[Tuple[List[float], float]] = field(default_factory=list)            # the boxes a user gets
@@ -110,6 +111,7 @@ def evaluate_sample(pipeline, sample, metrics: SegmentationMetrics, settings: Ev
                             routing_tokens=list(result.routing_tokens),
                             routing_correct=routing_correct(sample.task, sample.query_task, result.routing_tokens),
                             closer_look_ran=bool(result.closer_look.ran),
+                            presence_overruled=bool(getattr(result, "presence_overruled", False)),
                             gt_boxes=np.asarray(sample.boxes, dtype=float).reshape(-1, 4).tolist())
     shape = image.shape
     mask, probability = union_mask(final_masks(result), shape)
@@ -291,7 +293,9 @@ def _absent(outcomes: Sequence[SampleOutcome]) -> Dict[str, Any]:
     # A present target answered with neither token nor output is the opposite error.
     false_absent = [float(not (SEG_TOKEN in o.routing_tokens or DET_TOKEN in o.routing_tokens)) for o in present]
     return {"accuracy": _mean([float(o.absent_correct) for o in absent]), "n": len(absent),
-            "false_absent_rate": _mean(false_absent), "n_present": len(present)}
+            "false_absent_rate": _mean(false_absent), "n_present": len(present),
+            "overruled_absent": sum(o.presence_overruled for o in absent),
+            "overruled_present": sum(o.presence_overruled for o in present)}
 
 
 def _closer_look(seg: Sequence[SampleOutcome]) -> Dict[str, Any]:

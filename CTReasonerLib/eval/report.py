@@ -117,6 +117,10 @@ def render_report(summary: Dict[str, Any], title: str = "CTReasoner evaluation")
         ["Absent-target accuracy (no token, no mask, no box)", percent(absent["accuracy"]), absent["n"]],
         ["False 'absent' on present targets", percent(absent["false_absent_rate"]), absent["n_present"]],
     ])
+    overruled = absent.get("overruled_absent", 0) + absent.get("overruled_present", 0)
+    if overruled:
+        lines += [f"The model's presence gate overruled {overruled} routed answers: {absent['overruled_absent']} on "
+                  f"absent targets (now right), {absent['overruled_present']} on present targets (now wrong).", ""]
 
     lines += ["## Table 7 layout: detection branch vs mask-derived boxes (mAP@0.1 %)", ""]
     boxes, branch = summary["mask_to_box"], summary.get("detection_branch", det)

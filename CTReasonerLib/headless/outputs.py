@@ -144,6 +144,7 @@ def _result_record(query: str, result: ChatResult) -> dict:
         "routing_tokens": list(result.routing_tokens),
         "target_organ": result.target_organ,
         "absent": bool(result.absent),
+        "presence": result.presence, "presence_overruled": bool(result.presence_overruled),
         "masks": [{"organ": m.organ, "score": float(m.score), "round": int(m.round),
                    "pixels": int(np.count_nonzero(m.mask))} for m in result.masks],
         "boxes": [{"organ": b.organ, "xyxy": [float(v) for v in np.asarray(b.xyxy).reshape(4)],

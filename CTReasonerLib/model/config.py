@@ -121,6 +121,10 @@ class CTReasonerConfig:
     closer_look: CloserLookConfig = field(default_factory=CloserLookConfig)
     loss: LossWeights = field(default_factory=LossWeights)
     projector_dim: int = 256
+    #: inference: when set, a [SEG]/[DET] answer about an organ the presence head (``model/auxiliary.py``)
+    #: gives a probability below this is answered "not visible" instead (``ChatResult.presence_overruled``).
+    #: Needs a presence head trained with ``loss.presence > 0``. None = the LVLM's answer stands (the paper).
+    presence_gate: Optional[float] = None
     model_type: str = "ctreasoner"
 
     @property
@@ -143,6 +147,11 @@ class CTReasonerConfig:
             problems.append("closer_look.margin must be >= 0 (the ROI must contain the mask)")
         if self.loss.lm_decision_span < 1:
             problems.append(f"loss.lm_decision_span must be >= 1, got {self.loss.lm_decision_span}")
+        if self.presence_gate is not None:
+            if not 0.0 <= self.presence_gate <= 1.0:
+                problems.append(f"presence_gate must be a probability in [0, 1] or null, got {self.presence_gate}")
+            elif not self.loss.presence:
+                problems.append("presence_gate needs a presence head trained with loss.presence > 0")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems), "fix the model section of the config")
         return self

@@ -173,8 +173,14 @@ class CTReasonerPipeline:
             round1_query, round1_history, closer_query = history[-1][0], history[:-1], query
         with _timed(timings, "generate"):
             generation = self._generate(prepared.image, round1_history + [(round1_query, None)])
+        presence = self._presence(generation, round1_query)
+        overruled = presence is not None and presence < self.config.presence_gate
         with _timed(timings, "heads"):
-            first = self._heads(generation, prepared, features, round1_query, score_threshold)
+            if overruled:
+                organ = _answer_organ(self.model.lvlm.decode(generation.new_ids), round1_query)
+                first = _Round(f"The {_organ_name(organ)} is not visible on this slice.", [], organ)
+            else:
+                first = self._heads(generation, prepared, features, round1_query, score_threshold)
         if DET_TOKEN in first.tokens and first.organ and box_source == "fused":
             with _timed(timings, "mask_boxes"):
                 first.boxes = self._fused_boxes(prepared, features, round1_history, first, score_threshold)
@@ -184,6 +190,9 @@ class CTReasonerPipeline:
         wants_closer = closer_look if closer_look is not None else (CLOSER_TOKEN in first.tokens or closer_query is not None)
         info = CloserLookInfo(ran=False)
         text = _strip_routing(first.raw_text)
+        if overruled:  # shown to the user; the history keeps the plain answer (the form the model was trained on)
+            text += (f" (Presence check {presence:.2f}, below the model's gate of {self.config.presence_gate:.2f}: "
+                     "its answer that the organ is visible was overruled.)")
         if wants_closer and (first.mask_logits or first.boxes):
             with _timed(timings, "closer_look"):
                 question = closer_query or self.config.closer_look.query.format(name=_organ_name(first.organ))
@@ -195,7 +204,22 @@ class CTReasonerPipeline:
             first.raw_text = f"{first.raw_text} {second.raw_text}"
         absent = not (set(first.tokens) & {SEG_TOKEN, DET_TOKEN}) and says_not_visible(first.raw_text)
         return ChatResult(text=text, raw_text=first.raw_text, routing_tokens=tokens, target_organ=first.organ,
-                          absent=absent, masks=masks, boxes=first.boxes, closer_look=info)
+                          absent=absent, masks=masks, boxes=first.boxes, closer_look=info, presence=presence,
+                          presence_overruled=overruled)
+
+    def _presence(self, generation, query: str) -> Optional[float]:
+        """The presence head's probability for the organ of a [SEG]/[DET] answer, under the model's
+        ``presence_gate``; None without a gate, or when the answer routes nowhere or names no organ.
+        The head reads the last-layer states at the prompt's image tokens (generation step 0)."""
+        lvlm = self.model.lvlm
+        routed = {int(lvlm.routing_token_ids[t]) for t in (SEG_TOKEN, DET_TOKEN)} & {int(i) for i in generation.new_ids}
+        organ = _answer_organ(lvlm.decode(generation.new_ids), query) if routed else None
+        if self.config.presence_gate is None or organ is None:
+            return None
+        hidden = generation.step_hidden_states[0][-1]
+        image_tokens = (generation.prompt.input_ids == lvlm.image_token_id).to(hidden.device)
+        logits = self.model.presence_head(hidden.float(), image_tokens)
+        return float(torch.sigmoid(logits[0, get_organ(organ).label - 1]))
 
     def _generate(self, image: torch.Tensor, turns: List[Tuple[str, Optional[str]]]):
         lvlm = self.model.lvlm
@@ -207,7 +231,7 @@ class CTReasonerPipeline:
         raw_text = lvlm.decode(generation.new_ids)
         id_to_token = {i: t for t, i in lvlm.routing_token_ids.items()}
         tokens = [id_to_token[int(i)] for i in generation.new_ids if int(i) in id_to_token]
-        result = _Round(raw_text, tokens, resolve_organ(_strip_routing(raw_text)) or resolve_organ(query))
+        result = _Round(raw_text, tokens, _answer_organ(raw_text, query))
         seg_states = lvlm.generated_routing_states(generation, SEG_TOKEN)
         if len(seg_states):
             logits, scores = self._decode(features, self.model.routing_prompts(seg_states, SEG_TOKEN))
@@ -391,6 +415,11 @@ def _organ_name(organ: Optional[str]) -> str:
         return str(organ)
 
 
+def _answer_organ(raw_text: str, query: str) -> Optional[str]:
+    """The organ an answer is about: the one it names, else the one the question names."""
+    return resolve_organ(_strip_routing(raw_text)) or resolve_organ(query)
+
+
 def _strip_routing(text: str) -> str:
     for token in ROUTING_TOKENS:
         text = text.replace(token, "")
@@ -420,6 +449,7 @@ def _merge(results: List[ChatResult]) -> ChatResult:
     """One result for a compound request: texts joined, masks and boxes of every part."""
     ran = [r.closer_look for r in results if r.closer_look.ran]
     return ChatResult(
+        presence_overruled=any(r.presence_overruled for r in results),
         text=" ".join(r.text for r in results), raw_text=" ".join(r.raw_text for r in results),
         routing_tokens=[t for r in results for t in r.routing_tokens], target_organ=results[0].target_organ,
         absent=all(r.absent for r in results), masks=[m for r in results for m in r.masks],

@@ -87,7 +87,7 @@ def apply_results(volume_node, results_by_slice: Mapping[int, ChatResult], prove
     for k, result in results_by_slice.items():
         if draw_boxes:
             for box in result.boxes:
-                roi = add_box_roi(volume_node, resolve_organ(box.organ), int(k), box.xyxy, box.score)
+                roi = add_box_roi(volume_node, resolve_organ(box.organ), int(k), box.xyxy, box.score, box.source)
                 applied.box_roi_ids.append(roi.GetID())
         look = result.closer_look
         if draw_closer_look and look.ran and look.roi_xyxy is not None:

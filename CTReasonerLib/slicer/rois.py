@@ -19,6 +19,7 @@ ATTR_ORGAN = "CTReasoner.organ"
 ATTR_SLICE = "CTReasoner.slice"
 ATTR_SCORE = "CTReasoner.score"
 ATTR_KIND = "CTReasoner.kind"
+ATTR_BOX_SOURCE = "CTReasoner.boxSource"          # "detection" (the [DET] head) or "mask" (fused boxes)
 KIND_BOX = "box"
 KIND_CLOSER_LOOK = "closerLook"
 CLOSER_LOOK_COLOR = (1.0, 0.85, 0.0)
@@ -56,14 +57,16 @@ def roi_nodes_for_volume(volume_node, kind: Optional[str] = None, organ: Optiona
     return found
 
 
-def add_box_roi(volume_node, organ: Organ, k: int, xyxy: Sequence[float], score: float):
-    """An ROI named ``"<organ> box N (score)"`` (N counts this organ's boxes on the volume) over the box's pixels."""
+def add_box_roi(volume_node, organ: Organ, k: int, xyxy: Sequence[float], score: float, source: str = "detection"):
+    """An ROI named ``"<organ> box N (score)"`` (N counts this organ's boxes on the volume) over the box's pixels;
+    ``source`` (``BoxPrediction.source``) is kept as an attribute."""
     number = len(roi_nodes_for_volume(volume_node, KIND_BOX, organ)) + 1
     roi = _place_roi(volume_node, f"{organ.name} box {number} ({score:.2f})", k, xyxy,
                      tuple(c / 255.0 for c in organ.color))
     roi.SetAttribute(ATTR_KIND, KIND_BOX)
     roi.SetAttribute(ATTR_ORGAN, organ.key)
     roi.SetAttribute(ATTR_SCORE, f"{float(score):.4f}")
+    roi.SetAttribute(ATTR_BOX_SOURCE, source)
     return roi
 
 
