@@ -293,3 +293,59 @@ def test_stratified_subset_covers_organs_and_tasks():
     assert len({r["organ"] for r in few}) >= 5  # spread over organs, not the first organs only
     assert stratified_subset(records, None) == list(range(len(records)))
     assert stratified_subset(records, 10_000) == list(range(len(records)))
+
+
+def _gated(task, presence, tokens, absent_correct=None):
+    from CTReasonerLib.eval.evaluate import SampleOutcome
+    return SampleOutcome(id=f"{task}-{presence}", organ="liver", task=task, query_task="seg",
+                         routing_tokens=tokens, routing_correct=False, absent_correct=absent_correct,
+                         presence=presence, presence_overruled=presence is not None and not tokens)
+
+
+def test_presence_gate_sweep_is_exact_from_one_gated_run():
+    from CTReasonerLib.eval.evaluate import presence_gate_sweep
+    # A run at gate 0.2: one answer of each kind was overruled (no tokens), one passed, one never routed.
+    outcomes = [_gated("absent", 0.1, [], absent_correct=True),          # overruled: right
+                _gated("absent", 0.3, ["[SEG]"], absent_correct=False),  # passed: wrong
+                _gated("absent", None, [], absent_correct=True),         # answered absent by the LVLM
+                _gated("seg", 0.15, []),                                  # overruled: a false 'absent'
+                _gated("seg", 0.9, ["[SEG]"]),
+                _gated("seg", None, [])]                                  # the LVLM's own false 'absent'
+    rows = {row["gate"]: row for row in presence_gate_sweep(outcomes, gates=(0.05, 0.2, 0.35, 0.95))}
+    assert rows[0.05]["absent_accuracy"] == pytest.approx(1 / 3)       # un-overruled: the routed answer stands
+    assert rows[0.05]["false_absent_rate"] == pytest.approx(1 / 3)
+    assert rows[0.2]["absent_accuracy"] == pytest.approx(2 / 3)        # the run as it was
+    assert rows[0.2]["false_absent_rate"] == pytest.approx(2 / 3)
+    assert rows[0.35]["absent_accuracy"] == 1.0 and rows[0.35]["false_absent_rate"] == pytest.approx(2 / 3)
+    assert rows[0.95]["false_absent_rate"] == 1.0
+    assert presence_gate_sweep([_gated("seg", None, ["[SEG]"])]) == []  # no gate, no probabilities
+
+
+def test_presence_gate_sweep_is_reported():
+    samples = _scenario()
+    summary, _ = evaluate(ScriptedPipeline(samples, overrule_absent=True), samples,
+                          EvalSettings(closer_ablation=False), progress=False)
+    assert summary["absent"]["presence_sweep"] == []          # the scripted answers carry no probabilities
+    summary["absent"]["presence_sweep"] = [{"gate": 0.25, "absent_accuracy": 0.8, "false_absent_rate": 0.05}]
+    assert "| 0.25 | 80.00 | 5.00 |" in render_report(summary)
+
+
+def test_presence_gate_override_is_checked():
+    from types import SimpleNamespace
+    from CTReasonerLib.commands.evaluate import _presence_gate
+    from CTReasonerLib.errors import ConfigError
+    from CTReasonerLib.eval.evaluate import GATE_OFF, set_presence_gate
+    from CTReasonerLib.model.config import CTReasonerConfig
+
+    assert _presence_gate(None) is None and _presence_gate("OFF") == GATE_OFF and _presence_gate("0.3") == 0.3
+    for bad in ("1.5", "-0.1", "half", "nan"):
+        with pytest.raises(ConfigError, match="--presence-gate"):
+            _presence_gate(bad)
+    model = SimpleNamespace(config=CTReasonerConfig.from_dict({"loss": {"presence": 1.0}}))
+    set_presence_gate(model, 0.3)
+    assert model.config.presence_gate == 0.3
+    set_presence_gate(model, None)
+    assert model.config.presence_gate is None
+    headless = SimpleNamespace(config=CTReasonerConfig())     # no presence head trained
+    with pytest.raises(ConfigError, match="presence head"):
+        set_presence_gate(headless, 0.3)

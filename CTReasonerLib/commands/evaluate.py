@@ -19,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate at most N records, spread evenly over organs and tasks")
     parser.add_argument("--nsd-tolerance", type=float, default=None, metavar="MM",
                         help="NSD boundary tolerance in mm (default 2)")
+    parser.add_argument("--presence-gate", metavar="P|off",
+                        help="override the model's presence_gate for this run: a probability in [0, 1], or off; "
+                             "0 records every presence probability without overruling an answer, so the report's "
+                             "gate sweep covers the model as it stands")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -35,11 +39,31 @@ def run(args) -> int:
         if args.nsd_tolerance <= 0:
             raise ConfigError(f"--nsd-tolerance must be > 0 mm, got {args.nsd_tolerance}")
         settings.nsd_tolerance_mm = args.nsd_tolerance
+    presence_gate = _presence_gate(args.presence_gate)
     out = args.out or str(Path("outputs") / "eval" / f"{Path(args.model).resolve().name}-{args.split}")
     summary, paths = evaluate_model(args.model, args.dataset, split=args.split, out_dir=out, settings=settings,
-                                    limit=args.limit, device=args.device, progress=not args.no_progress)
+                                    limit=args.limit, device=args.device, progress=not args.no_progress,
+                                    presence_gate=presence_gate)
     seg, det = summary["segmentation"]["mean"], summary["detection"]
     print(f"mean Dice {seg['dice']:.4f}, HD95 {seg['hd95_mm']:.2f} mm, NSD {seg['nsd']:.4f}, mAP@0.1 {det['map']:.4f}, "
           f"routing {summary['routing']['accuracy']:.4f}, absent {summary['absent']['accuracy']:.4f}")
     print(f"report: {paths['report']}\nresults: {paths['results']}")
     return 0
+
+
+def _presence_gate(value):
+    """``--presence-gate``: None (keep the model's), "off", or a probability."""
+    from ..errors import ConfigError
+    from ..eval.evaluate import GATE_OFF
+
+    if value is None:
+        return None
+    if value.strip().lower() == "off":
+        return GATE_OFF
+    try:
+        gate = float(value)
+    except ValueError:
+        gate = float("nan")
+    if not 0.0 <= gate <= 1.0:
+        raise ConfigError(f"--presence-gate must be a probability in [0, 1] or 'off', got {value!r}")
+    return gate

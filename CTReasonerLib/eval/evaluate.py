@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -50,6 +50,7 @@ class SampleOutcome:
     scores_round1: Optional[Dict[str, float]] = None      # round-1 mask (seg records, ablation)
     closer_look_ran: bool = False
     presence_overruled: bool = False                      # the model's presence gate overruled a routed answer
+    presence: Optional[float] = None                      # presence head's probability (routed answers, gate on)
     target_area_mm2: float = 0.0
     gt_boxes: List[List[float]] = field(default_factory=list)
     boxes: List[Tuple[List[float], float]] = field(default_factory=list)            # the boxes a user gets
@@ -112,6 +113,7 @@ def evaluate_sample(pipeline, sample, metrics: SegmentationMetrics, settings: Ev
                             routing_correct=routing_correct(sample.task, sample.query_task, result.routing_tokens),
                             closer_look_ran=bool(result.closer_look.ran),
                             presence_overruled=bool(getattr(result, "presence_overruled", False)),
+                            presence=getattr(result, "presence", None),
                             gt_boxes=np.asarray(sample.boxes, dtype=float).reshape(-1, 4).tolist())
     shape = image.shape
     mask, probability = union_mask(final_masks(result), shape)
@@ -191,10 +193,16 @@ def stratified_subset(records: Sequence[Dict[str, Any]], limit: Optional[int]) -
     return sorted(chosen)
 
 
+GATE_OFF = "off"
+
+
 def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_dir: Optional[str] = None,
                    settings: Optional[EvalSettings] = None, limit: Optional[int] = None, device: str = "auto",
-                   progress: bool = True):
-    """Load a model folder, evaluate it on a dataset split, write the report; returns (summary, paths)."""
+                   progress: bool = True, presence_gate: Union[None, float, str] = None):
+    """Load a model folder, evaluate it on a dataset split, write the report; returns (summary, paths).
+
+    ``presence_gate`` overrides the model's ``presence_gate`` for this run: a probability, or ``GATE_OFF``.
+    """
     from CTReasonerLib.data.dataset import SPLITS, CuratedDataset
     from CTReasonerLib.model.ctreasoner import CTReasonerModel
     from CTReasonerLib.model.inference import CTReasonerPipeline
@@ -207,13 +215,21 @@ def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_di
     records = [(dataset, index) for dataset in datasets for index in range(len(dataset))]
     indices = stratified_subset([dataset.records[index] for dataset, index in records], limit)
     model = CTReasonerModel.from_pretrained(model_dir, device=device).eval()
+    if presence_gate is not None:
+        set_presence_gate(model, None if presence_gate == GATE_OFF else float(presence_gate))
     settings = settings or EvalSettings()
     samples = [records[i][0][records[i][1]] for i in indices]
     summary, outcomes = evaluate(CTReasonerPipeline(model), samples, settings, progress)
     summary["run"] = {"model": str(model_dir), "dataset": str(dataset_dir), "split": split,
+                      "presence_gate": model.config.presence_gate,
                       "records_in_split": len(records), "records_evaluated": len(indices)}
     paths = write_report(out_dir, summary, [asdict(o) for o in outcomes]) if out_dir else {}
     return summary, paths
+
+
+def set_presence_gate(model, gate: Optional[float]) -> None:
+    """Give ``model`` another presence gate (None: off), checked as its config checks one."""
+    model.config = model.config.updated({"presence_gate": gate})
 
 
 def validation_dice(model, samples: Sequence) -> Dict[str, float]:
@@ -295,7 +311,41 @@ def _absent(outcomes: Sequence[SampleOutcome]) -> Dict[str, Any]:
     return {"accuracy": _mean([float(o.absent_correct) for o in absent]), "n": len(absent),
             "false_absent_rate": _mean(false_absent), "n_present": len(present),
             "overruled_absent": sum(o.presence_overruled for o in absent),
-            "overruled_present": sum(o.presence_overruled for o in present)}
+            "overruled_present": sum(o.presence_overruled for o in present),
+            "presence_sweep": presence_gate_sweep(outcomes)}
+
+
+PRESENCE_SWEEP_GATES = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
+
+
+def presence_gate_sweep(outcomes: Sequence[SampleOutcome], gates: Sequence[float] = PRESENCE_SWEEP_GATES,
+                        ) -> List[Dict[str, float]]:
+    """Absent-target accuracy and false-'absent' rate had the presence gate been each of ``gates``.
+
+    Exact, not estimated, from one run with any gate on: every routed answer then carries its presence
+    probability, an overruled answer is the fixed no-token, no-output answer, and an answer the gate lets
+    through is the routed one. So a record whose probability is below the gate is answered 'absent', one
+    at or above it keeps its routed answer (wrong for an absent target, not 'absent' for a present one),
+    and answers that routed nowhere carry no probability and keep their outcome. Empty when the run
+    recorded no probabilities (no gate). Run ``ctreasoner eval --presence-gate 0`` to sweep a model
+    without changing any answer.
+    """
+    if not any(o.presence is not None for o in outcomes):
+        return []
+    absent = [o for o in outcomes if o.task == "absent"]
+    present = [o for o in outcomes if o.task != "absent"]
+
+    def answered_absent(o: SampleOutcome, gate: float) -> Optional[bool]:
+        return None if o.presence is None else o.presence < gate   # None: routed nowhere, outcome as run
+
+    rows = []
+    for gate in gates:
+        right = [o.absent_correct if answered_absent(o, gate) is None else answered_absent(o, gate) for o in absent]
+        wrong = [(not (SEG_TOKEN in o.routing_tokens or DET_TOKEN in o.routing_tokens))
+                 if answered_absent(o, gate) is None else answered_absent(o, gate) for o in present]
+        rows.append({"gate": gate, "absent_accuracy": _mean([float(x) for x in right]),
+                     "false_absent_rate": _mean([float(x) for x in wrong])})
+    return rows
 
 
 def _closer_look(seg: Sequence[SampleOutcome]) -> Dict[str, Any]:

@@ -42,6 +42,10 @@ def percent(value: Optional[float]) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100.0 * value:.2f}"
 
 
+def _gate(value: Optional[float]) -> str:
+    return "off" if value is None else f"{value:g}"
+
+
 def millimetres(value: Optional[float]) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
@@ -68,7 +72,8 @@ def render_report(summary: Dict[str, Any], title: str = "CTReasoner evaluation")
               f"- Records: {counts['seg']} segmentation, {counts['det']} detection, {counts['absent']} absent-target",
               f"- HD95 in mm (a missed organ scores the slice diagonal); NSD tolerance {settings['nsd_tolerance_mm']:g} mm; "
               f"AP at IoU {settings['iou_threshold']:g} over every box scoring >= {settings.get('ap_score_floor', 0.0):g}; "
-              f"masks thresholded at {settings['mask_threshold']:g}",
+              f"masks thresholded at {settings['mask_threshold']:g}; boxes: `{summary.get('box_source', 'detection')}`"
+              + (f"; presence gate {_gate(run['presence_gate'])}" if "presence_gate" in run else ""),
               f"- Time: {summary['timing']['seconds_total']:.1f} s ({summary['timing']['seconds_per_sample']:.3f} s per record)",
               ""]
 
@@ -121,6 +126,12 @@ def render_report(summary: Dict[str, Any], title: str = "CTReasoner evaluation")
     if overruled:
         lines += [f"The model's presence gate overruled {overruled} routed answers: {absent['overruled_absent']} on "
                   f"absent targets (now right), {absent['overruled_present']} on present targets (now wrong).", ""]
+    if absent.get("presence_sweep"):
+        lines += ["Had the presence gate been another value (exact, from this run's presence probabilities; "
+                  "`presence_gate` in the model's ctreasoner_config.json):", ""]
+        lines += _table(["Presence gate", "Absent-target accuracy (%)", "False 'absent' on present targets (%)"],
+                        [[f"{row['gate']:.2f}", percent(row["absent_accuracy"]), percent(row["false_absent_rate"])]
+                         for row in absent["presence_sweep"]])
 
     lines += ["## Table 7 layout: detection branch vs mask-derived boxes (mAP@0.1 %)", ""]
     boxes, branch = summary["mask_to_box"], summary.get("detection_branch", det)
