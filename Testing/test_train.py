@@ -62,7 +62,7 @@ def test_shipped_configs_load():
     tiny_model = CTReasonerConfig.from_dict(tiny.model.config)  # the inference settings the committed model has
     shipped = CTReasonerConfig.load(str(REPO / "Resources" / "Models" / "CTReasoner-Tiny"))
     assert tiny_model.detection.box_source == shipped.detection.box_source == "fused"
-    assert tiny_model.presence_gate == shipped.presence_gate == 0.25
+    assert tiny_model.presence_gate == shipped.presence_gate == 0.2
     finetune = load_train_config(str(REPO / "configs" / "tiny_cpu_finetune.yaml"))
     assert finetune.model.source == "pretrained" and finetune.data.records_per_slice > 1
     assert finetune.run.max_minutes <= 85
