@@ -49,17 +49,24 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def summary(tmp_path_factory):
+def held_out(tmp_path_factory):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     from CTReasonerLib.cli import main as cli_main
-    from CTReasonerLib.eval.evaluate import EvalSettings, evaluate_model
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("held-out") / "phantoms"
     assert cli_main(["curate", "--phantoms", str(HELD_OUT_PHANTOMS), "--seed", str(HELD_OUT_SEED),
                      "--out", str(root), "--no-progress"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def summary(held_out):
+    from CTReasonerLib.eval.evaluate import EvalSettings, evaluate_model
+
+    root = held_out
     # the same as `ctreasoner eval MODEL ROOT --split all --limit 252` (the model card's command);
     # the report stays in pytest's tmp folder for a failed run
     result, _ = evaluate_model(str(MODEL_DIR), str(root), split="all", out_dir=str(root.parent / "report"),
@@ -112,3 +119,28 @@ def test_issue_floor(summary, name):
     floor, tolerance = FLOORS[name]
     value = _measures(summary)[name]
     assert value >= floor - tolerance, f"{name} = {value:.4f} < floor {floor} - {tolerance}"
+
+
+def test_the_presence_gate_sweep_reproduces_the_run_at_the_models_own_gate(summary):
+    gate = summary["run"]["presence_gate"]
+    rows = [row for row in summary["absent"]["presence_sweep"] if row["gate"] == pytest.approx(gate)]
+    if gate is None or not rows:
+        pytest.skip(f"the committed model's gate {gate} is not one of the sweep's values")
+    assert rows[0]["absent_accuracy"] == pytest.approx(summary["absent"]["accuracy"])
+    assert rows[0]["false_absent_rate"] == pytest.approx(summary["absent"]["false_absent_rate"])
+
+
+def test_eval_cli_can_switch_the_presence_gate_off(held_out, tmp_path):
+    import json
+
+    from CTReasonerLib.cli import main as cli_main
+
+    out = tmp_path / "report"
+    assert cli_main(["eval", str(MODEL_DIR), str(held_out), "--split", "all", "--limit", "6", "--presence-gate", "off",
+                     "--no-closer-ablation", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["run"]["presence_gate"] is None
+    assert results["absent"]["presence_sweep"] == [] and results["absent"]["overruled_absent"] == 0
+    rows = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(row["presence"] is None for row in rows)
+    assert "presence gate off" in (out / "eval_report.md").read_text()

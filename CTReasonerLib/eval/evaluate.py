@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 SEG_TOKEN, DET_TOKEN = "[SEG]", "[DET]"
 SMALLEST_ORGAN_COUNT = 4
+GATE_OFF = "off"                        # evaluate_model(presence_gate=GATE_OFF): the model's gate switched off
 ORGAN_ORDER = [o.key for o in ORGANS]   # label order = the paper's Table 1 column order
 
 
@@ -191,9 +192,6 @@ def stratified_subset(records: Sequence[Dict[str, Any]], limit: Optional[int]) -
         positions = np.linspace(0, len(members) - 1, quota[key]).round().astype(int) if quota[key] else []
         chosen += [members[p] for p in np.unique(positions)]
     return sorted(chosen)
-
-
-GATE_OFF = "off"
 
 
 def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_dir: Optional[str] = None,
