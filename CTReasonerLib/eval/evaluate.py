@@ -305,7 +305,7 @@ def _absent(outcomes: Sequence[SampleOutcome]) -> Dict[str, Any]:
     absent = [o for o in outcomes if o.task == "absent"]
     present = [o for o in outcomes if o.task != "absent"]
     # A present target answered with neither token nor output is the opposite error.
-    false_absent = [float(not (SEG_TOKEN in o.routing_tokens or DET_TOKEN in o.routing_tokens)) for o in present]
+    false_absent = [float(_routed_nowhere(o)) for o in present]
     return {"accuracy": _mean([float(o.absent_correct) for o in absent]), "n": len(absent),
             "false_absent_rate": _mean(false_absent), "n_present": len(present),
             "overruled_absent": sum(o.presence_overruled for o in absent),
@@ -332,18 +332,18 @@ def presence_gate_sweep(outcomes: Sequence[SampleOutcome], gates: Sequence[float
         return []
     absent = [o for o in outcomes if o.task == "absent"]
     present = [o for o in outcomes if o.task != "absent"]
-
-    def answered_absent(o: SampleOutcome, gate: float) -> Optional[bool]:
-        return None if o.presence is None else o.presence < gate   # None: routed nowhere, outcome as run
-
     rows = []
     for gate in gates:
-        right = [o.absent_correct if answered_absent(o, gate) is None else answered_absent(o, gate) for o in absent]
-        wrong = [(not (SEG_TOKEN in o.routing_tokens or DET_TOKEN in o.routing_tokens))
-                 if answered_absent(o, gate) is None else answered_absent(o, gate) for o in present]
+        # o.presence is None: the answer routed nowhere, so the gate never saw it and it stands as run
+        right = [o.absent_correct if o.presence is None else o.presence < gate for o in absent]
+        wrong = [_routed_nowhere(o) if o.presence is None else o.presence < gate for o in present]
         rows.append({"gate": gate, "absent_accuracy": _mean([float(x) for x in right]),
                      "false_absent_rate": _mean([float(x) for x in wrong])})
     return rows
+
+
+def _routed_nowhere(outcome: SampleOutcome) -> bool:
+    return not (SEG_TOKEN in outcome.routing_tokens or DET_TOKEN in outcome.routing_tokens)
 
 
 def _closer_look(seg: Sequence[SampleOutcome]) -> Dict[str, Any]:
