@@ -225,6 +225,22 @@ def test_absent_target_gets_no_mask(pipeline, slice_hu, monkeypatch):
     assert result.target_organ == "gallbladder"
 
 
+@pytest.mark.parametrize("query, expected", [
+    ("Segment the brain.", "No answer. This model knows 14 abdominal structures"),
+    ("Hello.", "No answer. This model knows 14 abdominal structures"),
+    ("Segmentez le foie du patient.", "No answer. This model knows 14 abdominal structures"),
+    ("Tell me about the pancreas.", "No answer about the pancreas"),
+])
+def test_an_empty_answer_tells_the_user_what_to_ask(pipeline, slice_hu, monkeypatch, query, expected):
+    script(pipeline, monkeypatch, "")
+    result = pipeline.chat(slice_hu, query)
+    assert result.raw_text == "" and not result.routing_tokens and not result.masks and not result.absent
+    assert result.text.startswith(expected), result.text
+    assert result.turns == [(query, "")]  # the note is for the user; the history keeps what the model said
+    if "abdominal structures" in expected:
+        assert "spleen" in result.text and "duodenum" in result.text
+
+
 @pytest.mark.parametrize("round_two", ["Zooming in. [CLOSER]", "Zooming in."], ids=["generated", "forced"])
 def test_closer_look_crops_the_round_one_mask_and_pastes_back(pipeline, slice_hu, monkeypatch, round_two):
     script(pipeline, monkeypatch, "The liver is here. [SEG]", round_two)

@@ -39,7 +39,7 @@ from CTReasonerLib.model.query import (is_closer_request, normalize_query, resol
                                        split_compound_query)
 from CTReasonerLib.model.routing import CLOSER_TOKEN, DET_TOKEN, ROUTING_TOKENS, SEG_TOKEN
 from CTReasonerLib.model.segmenter import EmbeddingCache
-from CTReasonerLib.organs import get_organ
+from CTReasonerLib.organs import ORGANS, get_organ
 from CTReasonerLib.results import BoxPrediction, ChatResult, CloserLookInfo, MaskPrediction
 
 #: logit used for the padding of the model square when a full-resolution mask goes back to the model frame
@@ -190,6 +190,8 @@ class CTReasonerPipeline:
         wants_closer = closer_look if closer_look is not None else (CLOSER_TOKEN in first.tokens or closer_query is not None)
         info = CloserLookInfo(ran=False)
         text = _strip_routing(first.raw_text)
+        if not text and not first.tokens:
+            text = _no_answer_note(round1_query)
         if overruled:  # shown to the user; the history keeps the plain answer (the form the model was trained on)
             text += (f" (Presence check {presence:.2f}, below the model's gate of {self.config.presence_gate:.2f}: "
                      "its answer that the organ is visible was overruled.)")
@@ -418,6 +420,19 @@ def _organ_name(organ: Optional[str]) -> str:
 def _answer_organ(raw_text: str, query: str) -> Optional[str]:
     """The organ an answer is about: the one it names, else the one the question names."""
     return resolve_organ(_strip_routing(raw_text)) or resolve_organ(query)
+
+
+def _no_answer_note(query: str) -> str:
+    """Shown (never added to the history) when the model answers a question with nothing at all: usually a
+    structure outside its 14 organs, or a request it cannot parse."""
+    organ = resolve_organ(query)
+    if organ is None:
+        known = ", ".join(entry.name for entry in ORGANS)
+        return (f"No answer. This model knows {len(ORGANS)} abdominal structures ({known}); ask about one of them, "
+                "e.g. \"Segment the liver.\"")
+    name = _organ_name(organ)
+    return (f"No answer about the {name}: the request was not understood. Ask for a mask (\"Segment the {name}.\") "
+            f"or a location (\"Where is the {name}?\").")
 
 
 def _strip_routing(text: str) -> str:
