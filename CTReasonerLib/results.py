@@ -46,12 +46,15 @@ class CloserLookInfo:
 
     token_generated: False when round 2 did not generate ``[CLOSER]`` and its state was taken from a
     teacher-forced ``[CLOSER]`` appended to the answer instead (the mask is then still round 2's).
+    kept_round: the round whose mask the result carries as final: 2, or 1 when the model's
+    ``closer_look.keep = "better"`` found round 1's mask rated higher (round 2's mask is then dropped).
     """
     ran: bool
     roi_xyxy: Optional[np.ndarray] = None
     canonical_size: int = 0
     organ: Optional[str] = None
     token_generated: bool = True
+    kept_round: int = 2
 
 
 @dataclass

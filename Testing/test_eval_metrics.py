@@ -231,6 +231,10 @@ def test_evaluate_scores_every_table_and_the_report_renders(tmp_path):
     saved = json.loads(paths["results"].read_text())
     assert saved["detection"]["per_organ"]["duodenum"]["ap"] == pytest.approx(1.0)
     assert len(paths["samples"].read_text().splitlines()) == 42
+    assert "closer look keeps" not in report and "IoU head rates" not in report
+    summary["run"]["closer_look_keep"] = "better"
+    report = render_report(summary)
+    assert "closer look keeps the `better` round" in report and "`closer_look.keep = better`" in report
 
 
 def test_ap_ranks_boxes_below_the_display_threshold_but_absent_targets_count_only_shown_boxes():

@@ -262,6 +262,54 @@ def test_closer_look_crops_the_round_one_mask_and_pastes_back(pipeline, slice_hu
     assert "Zooming in." in result.text
 
 
+def rate_rounds(pipeline, monkeypatch, *scores):
+    """The segmenter's IoU head rates the next decodes ``scores`` (round 1, round 2, ...)."""
+    original = pipeline._decode
+    queue = list(scores)
+
+    def decode(features, prompts):
+        logits, rated = original(features, prompts)
+        return logits, [queue.pop(0)] * len(rated) if queue else rated
+
+    monkeypatch.setattr(pipeline, "_decode", decode)
+
+
+@pytest.mark.parametrize("keep, scores, kept_round", [
+    ("last", (0.9, 0.2), 2),     # the paper: round 2 always replaces round 1
+    ("better", (0.9, 0.2), 1),   # round 1 rated higher: its mask stays final, round 2's is dropped
+    ("better", (0.4, 0.7), 2),
+    ("better", (0.5, 0.5), 2),   # a tie goes to the closer look
+])
+def test_closer_look_keeps_the_round_the_config_asks_for(pipeline, slice_hu, monkeypatch, keep, scores, kept_round):
+    monkeypatch.setattr(pipeline.config.closer_look, "keep", keep)
+    script(pipeline, monkeypatch, "The liver is here. [SEG]", "Zooming in. [CLOSER]")
+    bright_round_one(pipeline, monkeypatch)
+    rate_rounds(pipeline, monkeypatch, *scores)
+    result = pipeline.chat(slice_hu, "Segment the liver.", closer_look=True)
+    assert result.closer_look.ran and result.closer_look.kept_round == kept_round
+    assert [m.round for m in result.masks] == [1, 2][:kept_round]
+    assert [m.score for m in result.masks] == pytest.approx(list(scores[:kept_round]))
+    assert result.routing_tokens == ["[SEG]", "[CLOSER]"] and "Zooming in." in result.text
+
+
+def test_a_closer_look_the_user_asks_for_always_ends_with_round_two(pipeline, slice_hu, monkeypatch):
+    monkeypatch.setattr(pipeline.config.closer_look, "keep", "better")
+    script(pipeline, monkeypatch, "The liver [SEG]", "Zooming in. [CLOSER]")
+    bright_round_one(pipeline, monkeypatch)
+    rate_rounds(pipeline, monkeypatch, 0.9, 0.2)
+    result = pipeline.chat(slice_hu, "Have a closer look at the liver.", [("Segment the liver.", "The liver [SEG]")])
+    assert result.closer_look.ran and result.closer_look.kept_round == 2 and result.masks[-1].round == 2
+
+
+def test_closer_look_keep_is_checked():
+    from CTReasonerLib.errors import ConfigError
+    from CTReasonerLib.model.config import CTReasonerConfig
+
+    with pytest.raises(ConfigError, match=r"closer_look.keep must be one of \('last', 'better'\)"):
+        CTReasonerConfig.from_dict({"closer_look": {"keep": "best"}})
+    assert CTReasonerConfig().closer_look.keep == "last"
+
+
 def test_closer_look_follows_the_users_request_in_a_follow_up_turn(pipeline, slice_hu, monkeypatch):
     script(pipeline, monkeypatch, "The liver [SEG]", "Zooming in. [CLOSER]")
     bright_round_one(pipeline, monkeypatch)

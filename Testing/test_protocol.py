@@ -285,24 +285,27 @@ def test_propagation_order():
     assert propagation_order(5, 5, 6, "both") == [[6], []]
 
 
-def test_chat_result_round_trip_keeps_box_sources_and_the_presence_check():
+def test_chat_result_round_trip_keeps_box_sources_the_presence_check_and_the_kept_round():
     from CTReasonerLib.client.client import decode_chat_result
-    from CTReasonerLib.results import BoxPrediction, ChatResult
+    from CTReasonerLib.results import BoxPrediction, ChatResult, CloserLookInfo
     from CTReasonerLib.server.methods import encode_chat_result
 
     result = ChatResult(text="found", routing_tokens=["[DET]"], target_organ="liver",
                         boxes=[BoxPrediction("liver", np.array([1, 2, 9, 8]), 0.97, "mask"),
                                BoxPrediction("liver", np.array([20, 20, 30, 31]), 0.3, "detection")],
-                        presence=0.8)
+                        presence=0.8, closer_look=CloserLookInfo(ran=True, organ="liver", kept_round=1))
     wire = json.loads(json.dumps(encode_chat_result(result, "bitpack", False)))
     decoded = decode_chat_result(wire, (40, 40))
     assert [(b.xyxy.tolist(), b.score, b.source) for b in decoded.boxes] == \
         [([1, 2, 9, 8], 0.97, "mask"), ([20, 20, 30, 31], 0.3, "detection")]
     assert decoded.presence == pytest.approx(0.8) and not decoded.presence_overruled
+    assert decoded.closer_look.ran and decoded.closer_look.kept_round == 1
     overruled = ChatResult(text="The liver is not visible on this slice.", absent=True, presence=0.1,
                            presence_overruled=True)
     back = decode_chat_result(json.loads(json.dumps(encode_chat_result(overruled, "bitpack", False))), (40, 40))
     assert back.presence == pytest.approx(0.1) and back.presence_overruled and back.absent
     del wire["boxes"][1]["source"], wire["presence"], wire["presence_overruled"]  # an older server
+    del wire["closer_look"]["kept_round"]
     older = decode_chat_result(wire, (40, 40))
     assert older.boxes[1].source == "detection" and older.presence is None and not older.presence_overruled
+    assert older.closer_look.kept_round == 2

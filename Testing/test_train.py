@@ -63,6 +63,7 @@ def test_shipped_configs_load():
     shipped = CTReasonerConfig.load(str(REPO / "Resources" / "Models" / "CTReasoner-Tiny"))
     assert tiny_model.detection.box_source == shipped.detection.box_source == "fused"
     assert tiny_model.presence_gate == shipped.presence_gate == 0.2
+    assert tiny_model.closer_look.keep == shipped.closer_look.keep == "better"
     finetune = load_train_config(str(REPO / "configs" / "tiny_cpu_finetune.yaml"))
     assert finetune.model.source == "pretrained" and finetune.data.records_per_slice > 1
     assert finetune.run.max_minutes <= 85

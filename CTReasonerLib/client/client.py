@@ -716,7 +716,7 @@ def decode_chat_result(result: dict, shape: Tuple[int, int]) -> ChatResult:
         closer_look=CloserLookInfo(ran=bool(closer.get("ran", False)),
                                    roi_xyxy=None if roi is None else np.asarray(roi, dtype=np.float64),
                                    canonical_size=int(closer.get("canonical_size", 0)),
-                                   organ=closer.get("organ")),
+                                   organ=closer.get("organ"), kept_round=int(closer.get("kept_round", 2))),
         timings_ms={str(k): float(v) for k, v in (result.get("timings_ms") or {}).items()},
         presence=None if result.get("presence") is None else float(result["presence"]),
         presence_overruled=bool(result.get("presence_overruled", False)),

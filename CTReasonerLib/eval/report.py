@@ -73,7 +73,8 @@ def render_report(summary: Dict[str, Any], title: str = "CTReasoner evaluation")
               f"- HD95 in mm (a missed organ scores the slice diagonal); NSD tolerance {settings['nsd_tolerance_mm']:g} mm; "
               f"AP at IoU {settings['iou_threshold']:g} over every box scoring >= {settings.get('ap_score_floor', 0.0):g}; "
               f"masks thresholded at {settings['mask_threshold']:g}; boxes: `{summary.get('box_source', 'detection')}`"
-              + (f"; presence gate {_gate(run['presence_gate'])}" if "presence_gate" in run else ""),
+              + (f"; presence gate {_gate(run['presence_gate'])}" if "presence_gate" in run else "")
+              + (f"; closer look keeps the `{run['closer_look_keep']}` round" if "closer_look_keep" in run else ""),
               f"- Time: {summary['timing']['seconds_total']:.1f} s ({summary['timing']['seconds_per_sample']:.3f} s per record)",
               ""]
 
@@ -102,6 +103,9 @@ def render_report(summary: Dict[str, Any], title: str = "CTReasoner evaluation")
             ["This model, without closer look", percent(closer["without"]["dice"]), millimetres(closer["without"]["hd95_mm"])],
             ["This model, with closer look", percent(closer["with"]["dice"]), millimetres(closer["with"]["hd95_mm"])],
         ] + [[name, f"{dice:.2f}", f"{hd:.2f}"] for name, dice, hd in PAPER_TABLE4])
+        if run.get("closer_look_keep") == "better":
+            lines += ["With closer look: the mask the turn ends with. This model keeps round 1's mask where its IoU "
+                      "head rates it above round 2's (`closer_look.keep = better`); the paper always keeps round 2's.", ""]
         lines += [f"The {len(closer['smallest_organs'])} smallest organs (by mean target area on these slices), Dice (%):", ""]
         rows = [[get_organ(k).abbreviation, percent(closer["per_organ_without"][k]["dice"]),
                  percent(closer["per_organ_with"][k]["dice"]),

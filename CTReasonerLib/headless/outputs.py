@@ -151,6 +151,7 @@ def _result_record(query: str, result: ChatResult) -> dict:
                    "score": float(b.score), "source": b.source} for b in result.boxes],
         "closer_look": {"ran": bool(look.ran), "organ": look.organ, "canonical_size": int(look.canonical_size),
                         "token_generated": bool(getattr(look, "token_generated", True)),
+                        "kept_round": int(getattr(look, "kept_round", 2)),
                         "roi_xyxy": None if look.roi_xyxy is None else [float(v) for v in np.asarray(look.roi_xyxy)]},
         "timings_ms": {key: round(float(value), 3) for key, value in result.timings_ms.items()},
     }

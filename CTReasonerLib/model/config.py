@@ -20,6 +20,7 @@ from CTReasonerLib.model.segmenter.base import SegmenterConfig
 CONFIG_NAME = "ctreasoner_config.json"
 LVLM_BACKBONES = ("qwen2_5_vl", "janus")
 LVLM_TRAINABLE = ("full", "lora", "frozen")
+CLOSER_LOOK_KEEP = ("last", "better")
 
 
 @dataclass
@@ -71,12 +72,16 @@ class CloserLookConfig:
         noise of the ground-truth ROI during training, so round 2 learns from imperfect round-1 boxes.
     min_roi: smallest ROI side in slice pixels (tiny masks are not zoomed beyond this).
     query: the round-2 question asked when the caller requests a closer look without wording one.
+    keep: which mask a closer look the model chose itself ends with. "last" (the paper): round 2's.
+        "better": the round whose mask the segmenter's IoU head rates higher. A closer look the user asks
+        for always ends with round 2.
     """
     margin: float = 0.5
     canonical_size: Optional[int] = None
     jitter: float = 0.15
     min_roi: int = 32
     query: str = "Have a closer look at the {name}."
+    keep: str = "last"
     #: training only: at most this many round-2 crops per batch (None: every closer-look sample). Each
     #: crop is a new image for the encoder, so on a CPU the cap keeps round 2 from dominating a step.
     train_crops_per_batch: Optional[int] = None
@@ -145,6 +150,8 @@ class CTReasonerConfig:
             problems.append(f"lvlm.image_size must be a multiple of 28 for Qwen2.5-VL, got {self.lvlm.image_size}")
         if self.closer_look.margin < 0:
             problems.append("closer_look.margin must be >= 0 (the ROI must contain the mask)")
+        if self.closer_look.keep not in CLOSER_LOOK_KEEP:
+            problems.append(f"closer_look.keep must be one of {CLOSER_LOOK_KEEP}, got {self.closer_look.keep!r}")
         if self.loss.lm_decision_span < 1:
             problems.append(f"loss.lm_decision_span must be >= 1, got {self.loss.lm_decision_span}")
         if self.presence_gate is not None:

@@ -201,13 +201,21 @@ class CTReasonerPipeline:
                 second, info = self._closer_round(prepared, first, round1_query, question)
             tokens += second.tokens
             text = f"{text} {_strip_routing(second.raw_text)}".strip()
-            masks += [self._mask_prediction(first.organ, logits, score, prepared.transform, 2, probabilities)
-                      for logits, score in zip(second.mask_logits, second.mask_scores)]
+            if closer_query is None and self._round_one_rated_higher(first, second):
+                info.kept_round = 1
+            else:
+                masks += [self._mask_prediction(first.organ, logits, score, prepared.transform, 2, probabilities)
+                          for logits, score in zip(second.mask_logits, second.mask_scores)]
             first.raw_text = f"{first.raw_text} {second.raw_text}"
         absent = not (set(first.tokens) & {SEG_TOKEN, DET_TOKEN}) and says_not_visible(first.raw_text)
         return ChatResult(text=text, raw_text=first.raw_text, routing_tokens=tokens, target_organ=first.organ,
                           absent=absent, masks=masks, boxes=first.boxes, closer_look=info, presence=presence,
                           presence_overruled=overruled)
+
+    def _round_one_rated_higher(self, first: _Round, second: _Round) -> bool:
+        """``closer_look.keep = "better"``: does the segmenter's IoU head rate round 1's mask above round 2's?"""
+        return (self.config.closer_look.keep == "better" and bool(first.mask_scores) and bool(second.mask_scores)
+                and first.mask_scores[0] > second.mask_scores[0])
 
     def _presence(self, generation, query: str) -> Optional[float]:
         """The presence head's probability for the organ of a [SEG]/[DET] answer, under the model's

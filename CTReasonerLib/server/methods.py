@@ -128,7 +128,8 @@ def encode_chat_result(result: ChatResult, mask_encoding: str, with_probability:
                    "score": _finite_or_none(b.score), "source": b.source} for b in result.boxes],
         "closer_look": {"ran": bool(closer.ran),
                         "roi_xyxy": None if closer.roi_xyxy is None else [float(v) for v in np.asarray(closer.roi_xyxy)],
-                        "canonical_size": int(closer.canonical_size), "organ": closer.organ},
+                        "canonical_size": int(closer.canonical_size), "organ": closer.organ,
+                        "kept_round": int(closer.kept_round)},
         "timings_ms": {k: round(float(v), 3) for k, v in result.timings_ms.items()},
     }
 
