@@ -73,8 +73,8 @@ class CloserLookConfig:
     min_roi: smallest ROI side in slice pixels (tiny masks are not zoomed beyond this).
     query: the round-2 question asked when the caller requests a closer look without wording one.
     keep: which mask a closer look the model chose itself ends with. "last" (the paper): round 2's.
-        "better": the round whose mask the segmenter's IoU head rates higher. A closer look the user asks
-        for always ends with round 2.
+        "better": the round whose mask the segmenter's IoU head rates higher. A closer look asked for in
+        words ("have a closer look") or on a region (``CTReasonerPipeline.closer_look``) always ends with round 2.
     """
     margin: float = 0.5
     canonical_size: Optional[int] = None
