@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from CTReasonerLib.model.routing import DET_TOKEN, SEG_TOKEN
 from CTReasonerLib.organs import ORGANS
 from CTReasonerLib.results import ChatResult
 
@@ -31,7 +32,6 @@ from .metrics import DEFAULT_NSD_TOLERANCE_MM, SegmentationMetrics, Segmentation
 
 logger = logging.getLogger(__name__)
 
-SEG_TOKEN, DET_TOKEN = "[SEG]", "[DET]"
 SMALLEST_ORGAN_COUNT = 4
 GATE_OFF = "off"                        # evaluate_model(presence_gate=GATE_OFF): the model's gate switched off
 ORGAN_ORDER = [o.key for o in ORGANS]   # label order = the paper's Table 1 column order
