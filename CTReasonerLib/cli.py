@@ -22,6 +22,7 @@ COMMANDS = {
     "review": ("review", "report flagged and rejected appearance descriptions in a curated dataset"),
     "train": ("train", "train the reasoning-perception model from a config file"),
     "merge": ("merge", "merge a training checkpoint into a standalone model folder"),
+    "fit-presence": ("fit_presence", "fit the image presence head of a model on frozen segmenter features"),
     "eval": ("evaluate", "evaluate a model on a curated dataset split (Dice, HD95, NSD, mAP, routing)"),
     "chat": ("chat", "run one chat turn on a CT volume and write Slicer-ready outputs"),
     "batch": ("batch", "run queries over many volumes (resumable; shards under torchrun)"),

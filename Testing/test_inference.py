@@ -207,6 +207,39 @@ def test_presence_gate_overrules_a_routed_answer_below_it(pipeline, slice_hu, mo
     assert pipeline.chat(slice_hu, "Segment the liver.", closer_look=False).presence is None
 
 
+def test_presence_gate_reads_the_head_presence_from_names(pipeline, slice_hu, monkeypatch):
+    model = pipeline.model
+    image, _, _ = model.slice_input(slice_hu)
+    with torch.no_grad():
+        embedding = model.segmenter.encode(image[None]).image_embeddings
+        image_probability = float(torch.sigmoid(model.image_presence_head(embedding))[0, 5])   # liver = label 6
+    monkeypatch.setattr(pipeline.config, "presence_gate", 0.0)
+    script(pipeline, monkeypatch, *["The liver [SEG]"] * 5)   # one answer per chat below
+    lvlm_probability = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False).presence
+    monkeypatch.setattr(pipeline.config, "presence_from", "image")
+    assert pipeline.chat(slice_hu, "Segment the liver.", closer_look=False).presence == pytest.approx(image_probability, abs=1e-4)
+    monkeypatch.setattr(pipeline.config, "presence_from", "both")
+    both = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False).presence
+    assert both == pytest.approx((image_probability * lvlm_probability) ** 0.5, abs=1e-4)
+    # the image head alone decides: a head sure the liver is absent overrules the routed answer
+    monkeypatch.setattr(pipeline.config, "presence_from", "image")
+    monkeypatch.setattr(pipeline.config, "presence_gate", 0.5)
+    with torch.no_grad():
+        bias = model.image_presence_head.evidence[-1].bias
+        saved = bias.clone()
+        bias.fill_(-30.0)
+    try:
+        result = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False)
+        assert result.presence_overruled and not result.masks and result.presence < 1e-6
+        with torch.no_grad():
+            bias.fill_(30.0)
+        result = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False)
+        assert not result.presence_overruled and result.masks and result.presence > 0.999
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+
+
 def test_presence_gate_config_is_checked():
     from CTReasonerLib.errors import ConfigError
     from CTReasonerLib.model.config import CTReasonerConfig
@@ -216,6 +249,9 @@ def test_presence_gate_config_is_checked():
     with pytest.raises(ConfigError, match=r"loss.presence > 0"):
         CTReasonerConfig.from_dict({"presence_gate": 0.25})
     assert CTReasonerConfig.from_dict({"presence_gate": 0.25, "loss": {"presence": 1.0}}).presence_gate == 0.25
+    with pytest.raises(ConfigError, match=r"presence_from must be one of"):
+        CTReasonerConfig.from_dict({"presence_from": "text"})
+    assert CTReasonerConfig().presence_from == "lvlm"   # folders saved before the image head read the LVLM head
 
 
 def test_absent_target_gets_no_mask(pipeline, slice_hu, monkeypatch):

@@ -103,6 +103,17 @@ def test_auxiliary_heads_read_the_whole_label_map(samples):
         out["loss"].backward()
     assert float(out["seg_dense"]) < first[0] and float(out["presence"]) < first[1]
 
+    # presence_from = "both": the image presence head trains in the same loss, from the segmenter's embedding
+    model.config.presence_from = "both"
+    optimizer.zero_grad()
+    model.training_step(batch)["loss"].backward()
+    for part in (model.image_presence_head, model.presence_head):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    model.config.presence_from = "lvlm"
+    optimizer.zero_grad()
+    model.training_step(batch)["loss"].backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.image_presence_head.parameters())
+
 
 def test_folders_saved_before_the_auxiliary_heads_still_load(samples, tmp_path):
     from safetensors.torch import load_file, save_file
@@ -110,7 +121,7 @@ def test_folders_saved_before_the_auxiliary_heads_still_load(samples, tmp_path):
     model = _model(samples)
     model.save_pretrained(str(tmp_path))
     weights = tmp_path / "perception.safetensors"
-    old = {k: v for k, v in load_file(str(weights)).items() if not k.startswith(("dense_head.", "presence_head."))}
+    old = {k: v for k, v in load_file(str(weights)).items() if not k.startswith(("dense_head.", "presence_head.", "image_presence_head."))}
     save_file(old, str(weights))
     reloaded = CTReasonerModel.from_pretrained(str(tmp_path), device="cpu")
     torch.testing.assert_close(reloaded.projector[0].weight, model.projector[0].weight)

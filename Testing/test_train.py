@@ -437,3 +437,46 @@ def test_lr_multipliers_give_new_heads_their_own_group():
     assert scheduler.get_last_lr() == [pytest.approx(5e-4), pytest.approx(5e-3)]   # warmup scales both
     with pytest.raises(ConfigError, match="match no trainable parameter"):
         build_optimizer(params, 1e-3, (0.9, 0.95), 1e-8, 0.0, names=names, lr_multipliers={"stem.": 10})
+
+
+# ------------------------------------------------------------------------------- fit-presence
+@pytest.mark.slow
+def test_fit_presence_trains_only_the_image_head_and_writes_a_gated_folder(tmp_path, tiny_dataset, monkeypatch, capsys):
+    """ctreasoner fit-presence: the BCE falls, every other weight stays, the folder reloads with the gate on."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from fixtures_model import tiny_model_config
+    from CTReasonerLib.cli import main as cli_main
+    from CTReasonerLib.model.ctreasoner import CTReasonerModel
+
+    torch.manual_seed(0)
+    source = tmp_path / "model"
+    CTReasonerModel.build_tiny(tiny_model_config()).save_pretrained(str(source))
+    before = _safetensors(source)
+    out = tmp_path / "fitted"
+    code = cli_main(["fit-presence", str(source), str(tiny_dataset), "--out", str(out), "--epochs", "6",
+                     "--lr", "1e-2", "--gate", "0.15", "--device", "cpu", "--no-progress"])
+    assert code == 0
+    info = json.loads((out / "presence_fit.json").read_text())
+    assert info["slices"] > 0 and info["bce_per_epoch"][-1] < info["bce_per_epoch"][0]
+    after = _safetensors(out)
+    assert set(after) == set(before)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith("p.image_presence_head.") for name in changed)
+    reloaded = CTReasonerModel.from_pretrained(str(out), device="cpu")
+    assert (reloaded.config.presence_from, reloaded.config.presence_gate) == ("image", 0.15)
+    assert reloaded.config.loss.presence > 0
+    assert CTReasonerModel.from_pretrained(str(source), device="cpu").config.presence_from == "lvlm"  # input untouched
+
+    # the fitted head tells the organs of a training slice from the others better than chance
+    from CTReasonerLib.train.presence_fit import dataset_slices, encode_slices
+
+    embeddings, targets = encode_slices(reloaded, dataset_slices(str(tiny_dataset), "train"), progress=False)
+    with torch.no_grad():
+        probabilities = torch.sigmoid(reloaded.image_presence_head(embeddings.float()))
+    assert probabilities[targets == 1].mean() > probabilities[targets == 0].mean() + 0.2
+
+    for argv, message in [([str(source), str(tiny_dataset), "--out", str(out)], "is not empty"),
+                          ([str(source), str(tiny_dataset), "--out", str(tmp_path / "x"), "--gate", "2"], "--gate"),
+                          ([str(tiny_dataset), str(tiny_dataset), "--out", str(tmp_path / "y")], "not a model folder")]:
+        assert cli_main(["fit-presence", *argv, "--no-progress"]) != 0
+        assert message in capsys.readouterr().err

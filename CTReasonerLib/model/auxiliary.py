@@ -10,9 +10,15 @@ absent-target query one bit of presence. Two small heads read the whole label ma
   It teaches the vision path the fact an absent-target answer depends on; the answer's first token
   reads those positions through attention.
 
-Neither runs at inference; both are weighted by ``loss.seg_dense`` and ``loss.presence`` (0 = off).
+Both are weighted by ``loss.seg_dense`` and ``loss.presence`` (0 = off); the dense head never runs at
+inference. A third head, ``ImagePresenceHead``, reads the segmenter's image embedding instead of the
+LVLM. It can train with the model or afterwards on frozen features (``ctreasoner fit-presence``). The
+presence gate (``presence_gate``, ``presence_from`` in the model config) reads the presence heads at
+inference, to overrule an answer that routes to an organ the heads say is not on the slice.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -51,6 +57,25 @@ class PresenceHead(nn.Module):
         weights = image_token_mask.to(hidden_states.dtype).unsqueeze(-1)
         pooled = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
         return self.linear(pooled.to(self.linear.weight.dtype))
+
+
+class ImagePresenceHead(nn.Module):
+    """(B, dim, h, w) segmenter image embedding -> (B, NUM_ORGANS) presence logits.
+
+    A per-organ evidence map pooled by log-mean-exp, a smooth maximum: one confident region is enough
+    for "present", as it should be for an organ that shows a few pixels at the edge of its extent.
+    """
+
+    def __init__(self, dim: int = 256, hidden: int = 64, num_organs: int = NUM_ORGANS):
+        super().__init__()
+        self.evidence = nn.Sequential(
+            nn.Conv2d(dim, hidden, kernel_size=3, padding=1), nn.GELU(),
+            nn.Conv2d(hidden, hidden, kernel_size=3, padding=1), nn.GELU(),
+            nn.Conv2d(hidden, num_organs, kernel_size=1))
+
+    def forward(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        evidence = self.evidence(image_embeddings.to(self.evidence[0].weight.dtype)).flatten(2)
+        return torch.logsumexp(evidence, dim=-1) - math.log(evidence.shape[-1])
 
 
 def organ_label_channels(labels: np.ndarray, num_classes: int = NUM_ORGANS + 1) -> torch.Tensor:

@@ -21,6 +21,8 @@ CONFIG_NAME = "ctreasoner_config.json"
 LVLM_BACKBONES = ("qwen2_5_vl", "janus")
 LVLM_TRAINABLE = ("full", "lora", "frozen")
 CLOSER_LOOK_KEEP = ("last", "better")
+#: where the presence gate reads organ presence (CTReasonerConfig.presence_from)
+PRESENCE_FROM = ("lvlm", "image", "both")
 
 
 @dataclass
@@ -114,7 +116,7 @@ class LossWeights:
     #: auxiliary dense organ classification of the image embedding (``model/auxiliary.py``); not in the
     #: paper, 0 disables it. It stands in for the encoder pretraining a from-scratch tiny SAM lacks.
     seg_dense: float = 0.0
-    #: auxiliary multi-label organ presence from the LVLM's image-token states; 0 disables it.
+    #: auxiliary multi-label organ presence: the presence heads ``presence_from`` names; 0 disables it.
     presence: float = 0.0
 
 
@@ -130,6 +132,9 @@ class CTReasonerConfig:
     #: gives a probability below this is answered "not visible" instead (``ChatResult.presence_overruled``).
     #: Needs a presence head trained with ``loss.presence > 0``. None = the LVLM's answer stands (the paper).
     presence_gate: Optional[float] = None
+    #: which presence head the gate reads: "lvlm" (the LVLM's image-token states), "image" (the segmenter's
+    #: image embedding; ``ctreasoner fit-presence`` trains it on frozen features) or "both" (their geometric mean).
+    presence_from: str = "lvlm"
     model_type: str = "ctreasoner"
 
     @property
@@ -154,6 +159,8 @@ class CTReasonerConfig:
             problems.append(f"closer_look.keep must be one of {CLOSER_LOOK_KEEP}, got {self.closer_look.keep!r}")
         if self.loss.lm_decision_span < 1:
             problems.append(f"loss.lm_decision_span must be >= 1, got {self.loss.lm_decision_span}")
+        if self.presence_from not in PRESENCE_FROM:
+            problems.append(f"presence_from must be one of {PRESENCE_FROM}, got {self.presence_from!r}")
         if self.presence_gate is not None:
             if not 0.0 <= self.presence_gate <= 1.0:
                 problems.append(f"presence_gate must be a probability in [0, 1] or null, got {self.presence_gate}")

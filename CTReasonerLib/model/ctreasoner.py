@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from CTReasonerLib.errors import InputFileError
-from CTReasonerLib.model.auxiliary import (DenseOrganHead, PresenceHead, dense_organ_loss, organ_label_channels,
+from CTReasonerLib.model.auxiliary import (DenseOrganHead, ImagePresenceHead, PresenceHead, dense_organ_loss, organ_label_channels,
                                            organ_presence, presence_loss)
 from CTReasonerLib.model.closer_look import crop_and_resize, roi_from_mask
 from CTReasonerLib.model.config import CTReasonerConfig
@@ -40,7 +40,7 @@ LVLM_FOLDER = "lvlm"
 PERCEPTION_WEIGHTS = "perception.safetensors"
 IGNORE_INDEX = -100
 #: training-only heads; folders saved before they existed load with them freshly initialised
-AUXILIARY_HEADS = ("dense_head.", "presence_head.")
+AUXILIARY_HEADS = ("dense_head.", "presence_head.", "image_presence_head.")
 #: side of the stored dense organ targets (the dense head's output is 4x the embedding side, e.g. 128)
 DENSE_TARGET_SIDE = 256
 
@@ -110,6 +110,7 @@ class CTReasonerModel(nn.Module):
         nn.init.zeros_(self.token_type_embedding.weight)
         self.dense_head = DenseOrganHead(segmenter.prompt_dim)
         self.presence_head = PresenceHead(lvlm.hidden_size)
+        self.image_presence_head = ImagePresenceHead(segmenter.prompt_dim)
         self.matcher = HungarianMatcher()
 
     # ---- construction and persistence --------------------------------------------------------
@@ -305,12 +306,8 @@ class CTReasonerModel(nn.Module):
             dense = dense_organ_loss(self.dense_head(features.image_embeddings[labelled]), batch.organ_targets[labelled])
         else:
             dense = _idle_head_loss(self.dense_head)
-        if weights.presence:
-            image_tokens = batch.lvlm.input_ids == self.lvlm.image_token_id
-            presence = presence_loss(self.presence_head(hidden, image_tokens), batch.presence_targets,
-                                     batch.presence_valid)
-        else:
-            presence = _idle_head_loss(self.presence_head)
+        presence = self._presence_loss(hidden, features, batch) if weights.presence else \
+            _idle_head_loss(self.presence_head) + _idle_head_loss(self.image_presence_head)
         total = (weights.lm * lm
                  + weights.seg * (weights.seg_bce * seg["bce"] + weights.seg_dice * seg["dice"]
                                   + weights.seg_iou * seg["iou"])
@@ -323,6 +320,21 @@ class CTReasonerModel(nn.Module):
                 "det_l1": det["l1"].detach(), "det_giou": det["giou"].detach(),
                 "det_objectness": det["objectness"].detach(), "interactive": interactive.detach(),
                 "seg_dense": dense.detach(), "presence": presence.detach()}
+
+    def _presence_loss(self, hidden: torch.Tensor, features, batch: TrainingBatch) -> torch.Tensor:
+        """BCE of the presence heads ``config.presence_from`` names; an unused head gets a connected zero."""
+        source = self.config.presence_from
+        if source in ("lvlm", "both"):
+            image_tokens = batch.lvlm.input_ids == self.lvlm.image_token_id
+            lvlm = presence_loss(self.presence_head(hidden, image_tokens), batch.presence_targets, batch.presence_valid)
+        else:
+            lvlm = _idle_head_loss(self.presence_head)
+        if source in ("image", "both"):
+            logits = self.image_presence_head(features.image_embeddings[batch.sequence_image])
+            image = presence_loss(logits, batch.presence_targets, batch.presence_valid)
+        else:
+            image = _idle_head_loss(self.image_presence_head)
+        return lvlm + image
 
     def _interactive_loss(self, features, batch: TrainingBatch, round1_logits: torch.Tensor,
                           seg_rows: torch.Tensor, weight: float) -> torch.Tensor:

@@ -173,7 +173,7 @@ class CTReasonerPipeline:
             round1_query, round1_history, closer_query = history[-1][0], history[:-1], query
         with _timed(timings, "generate"):
             generation = self._generate(prepared.image, round1_history + [(round1_query, None)])
-        presence = self._presence(generation, round1_query)
+        presence = self._presence(generation, features, round1_query)
         overruled = presence is not None and presence < self.config.presence_gate
         with _timed(timings, "heads"):
             if overruled:
@@ -217,19 +217,25 @@ class CTReasonerPipeline:
         return (self.config.closer_look.keep == "better" and bool(first.mask_scores) and bool(second.mask_scores)
                 and first.mask_scores[0] > second.mask_scores[0])
 
-    def _presence(self, generation, query: str) -> Optional[float]:
-        """The presence head's probability for the organ of a [SEG]/[DET] answer, under the model's
+    def _presence(self, generation, features, query: str) -> Optional[float]:
+        """The presence probability for the organ of a [SEG]/[DET] answer, under the model's
         ``presence_gate``; None without a gate, or when the answer routes nowhere or names no organ.
-        The head reads the last-layer states at the prompt's image tokens (generation step 0)."""
+        ``presence_from`` picks the head: the LVLM's last-layer states at the prompt's image tokens
+        (generation step 0), the segmenter's image embedding, or the geometric mean of both."""
         lvlm = self.model.lvlm
         routed = {int(lvlm.routing_token_ids[t]) for t in (SEG_TOKEN, DET_TOKEN)} & {int(i) for i in generation.new_ids}
         organ = _answer_organ(lvlm.decode(generation.new_ids), query) if routed else None
         if self.config.presence_gate is None or organ is None:
             return None
-        hidden = generation.step_hidden_states[0][-1]
-        image_tokens = (generation.prompt.input_ids == lvlm.image_token_id).to(hidden.device)
-        logits = self.model.presence_head(hidden.float(), image_tokens)
-        return float(torch.sigmoid(logits[0, get_organ(organ).label - 1]))
+        index = get_organ(organ).label - 1
+        probabilities = []
+        if self.config.presence_from in ("lvlm", "both"):
+            hidden = generation.step_hidden_states[0][-1]
+            image_tokens = (generation.prompt.input_ids == lvlm.image_token_id).to(hidden.device)
+            probabilities.append(torch.sigmoid(self.model.presence_head(hidden.float(), image_tokens)[0, index]))
+        if self.config.presence_from in ("image", "both"):
+            probabilities.append(torch.sigmoid(self.model.image_presence_head(features.image_embeddings.float())[0, index]))
+        return float(torch.stack(probabilities).prod() ** (1.0 / len(probabilities)))
 
     def _generate(self, image: torch.Tensor, turns: List[Tuple[str, Optional[str]]]):
         lvlm = self.model.lvlm
