@@ -235,6 +235,9 @@ def test_evaluate_scores_every_table_and_the_report_renders(tmp_path):
     summary["run"]["closer_look_keep"] = "better"
     report = render_report(summary)
     assert "closer look keeps the `better` round" in report and "`closer_look.keep = better`" in report
+    assert "presence head" not in report
+    summary["run"].update(presence_gate=0.15, presence_from="image")
+    assert "presence gate 0.15 on the `image` presence head" in render_report(summary)
 
 
 def test_ap_ranks_boxes_below_the_display_threshold_but_absent_targets_count_only_shown_boxes():

@@ -219,7 +219,8 @@ def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_di
     samples = [records[i][0][records[i][1]] for i in indices]
     summary, outcomes = evaluate(CTReasonerPipeline(model), samples, settings, progress)
     summary["run"] = {"model": str(model_dir), "dataset": str(dataset_dir), "split": split,
-                      "presence_gate": model.config.presence_gate, "closer_look_keep": model.config.closer_look.keep,
+                      "presence_gate": model.config.presence_gate, "presence_from": model.config.presence_from,
+                      "closer_look_keep": model.config.closer_look.keep,
                       "records_in_split": len(records), "records_evaluated": len(indices)}
     paths = write_report(out_dir, summary, [asdict(o) for o in outcomes]) if out_dir else {}
     return summary, paths

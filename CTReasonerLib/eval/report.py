@@ -74,6 +74,8 @@ def render_report(summary: Dict[str, Any], title: str = "CTReasoner evaluation")
               f"AP at IoU {settings['iou_threshold']:g} over every box scoring >= {settings.get('ap_score_floor', 0.0):g}; "
               f"masks thresholded at {settings['mask_threshold']:g}; boxes: `{summary.get('box_source', 'detection')}`"
               + (f"; presence gate {_gate(run['presence_gate'])}" if "presence_gate" in run else "")
+              + (f" on the `{run['presence_from']}` presence head" if run.get("presence_gate") is not None
+                 and "presence_from" in run else "")
               + (f"; closer look keeps the `{run['closer_look_keep']}` round" if "closer_look_keep" in run else ""),
               f"- Time: {summary['timing']['seconds_total']:.1f} s ({summary['timing']['seconds_per_sample']:.3f} s per record)",
               ""]
