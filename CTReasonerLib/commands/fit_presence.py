@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError
+from . import require_new_output_folder
 
 FIT_INFO_FILE = "presence_fit.json"
 
@@ -60,8 +61,7 @@ def fit_presence_folder(args):
     from ..train.presence_fit import PresenceFitSettings, fit_image_presence
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"output folder {out} is not empty", "choose a new folder for the fitted model")
+    require_new_output_folder(out, "fitted model")
     if not (Path(args.model) / PERCEPTION_WEIGHTS).is_file():
         raise ConfigError(f"{args.model} is not a model folder (no {PERCEPTION_WEIGHTS})",
                           "pass a folder written by ctreasoner merge, or Resources/Models/CTReasoner-Tiny")

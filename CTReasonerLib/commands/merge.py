@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import ConfigError
+from . import require_new_output_folder
 
 MERGE_INFO_FILE = "merge_info.json"
 
@@ -38,8 +39,7 @@ def merge_checkpoint(checkpoint: str, out_dir: str, dtype=None) -> Path:
     from ..model.device import select_dtype
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"output folder {out} is not empty", "choose a new folder for the merged model")
+    require_new_output_folder(out, "merged model")
     if Path(checkpoint).resolve() == out.resolve():
         raise ConfigError("the merged model cannot overwrite its checkpoint", "pass a different --out")
     import torch
