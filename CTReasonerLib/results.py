@@ -72,10 +72,13 @@ class ChatResult:
     #: (question, raw answer) of every turn the model ran: one per organ of a compound request
     turns: List[Tuple[str, str]] = field(default_factory=list)
     #: the presence head's probability that the target organ is on the slice, when the model's
-    #: ``presence_gate`` checked this answer (None otherwise); ``presence_overruled``: the model's
-    #: [SEG]/[DET] answer was replaced by "not visible" because that probability fell below the gate
+    #: ``presence_gate`` or ``presence_rescue`` checked this answer (None otherwise); ``presence_overruled``:
+    #: the model's [SEG]/[DET] answer was replaced by "not visible" because that probability fell below the
+    #: gate; ``presence_rescued``: its "not visible" answer was decoded again as visible because the
+    #: probability reached ``presence_rescue``
     presence: Optional[float] = None
     presence_overruled: bool = False
+    presence_rescued: bool = False
 
     def history_turns(self, query: str) -> List[Tuple[str, str]]:
         """What the dialogue history keeps of this turn: the model's own single-organ turns, the form it

@@ -212,7 +212,10 @@ def curated(synthetic):
 
 
 def test_records_are_schema_valid_and_routing_tokens_are_exact(curated):
+    from CTReasonerLib.model.config import CTReasonerConfig
+
     assert curated.records
+    visible_openings = set()
     for record in curated.records:
         assert record_errors(record) == []
         name = get_organ(record["organ"]).name
@@ -227,10 +230,13 @@ def test_records_are_schema_valid_and_routing_tokens_are_exact(curated):
             expected = "[SEG]" if record["task"] == "seg" else "[DET]"
             assert first.endswith(" " + expected) and sum(first.count(t) for t in ROUTING_TOKENS) == 1
             assert record["boxes"] and record["present"]
+            visible_openings.add(first.startswith(CTReasonerConfig().visible_answer_prefix.format(name=name)))
         if len(record["turns"]) == 2:
             assert record["task"] == "seg"
             second = record["turns"][1]["answer"]
             assert routing_token_of(second) == "[CLOSER]" and sum(second.count(t) for t in ROUTING_TOKENS) == 1
+    # the presence rescue forces the model config's visible_answer_prefix: one of the openings trained on
+    assert True in visible_openings
 
 
 def test_absent_questions_only_for_organs_missing_from_the_slice(curated):

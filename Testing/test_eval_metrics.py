@@ -337,22 +337,28 @@ def test_presence_gate_sweep_is_reported():
     assert "| 0.25 | 80.00 | 5.00 |" in render_report(summary)
 
 
-def test_presence_gate_override_is_checked():
+def test_presence_overrides_are_checked():
     from types import SimpleNamespace
-    from CTReasonerLib.commands.evaluate import _presence_gate
+    from CTReasonerLib.commands.evaluate import _probability_or_off
     from CTReasonerLib.errors import ConfigError
-    from CTReasonerLib.eval.evaluate import GATE_OFF, set_presence_gate
+    from CTReasonerLib.eval.evaluate import GATE_OFF, set_presence
     from CTReasonerLib.model.config import CTReasonerConfig
 
-    assert _presence_gate(None) is None and _presence_gate("OFF") == GATE_OFF and _presence_gate("0.3") == 0.3
+    assert _probability_or_off(None, "--presence-gate") is None
+    assert _probability_or_off("OFF", "--presence-gate") == GATE_OFF and _probability_or_off("0.3", "--x") == 0.3
     for bad in ("1.5", "-0.1", "half", "nan"):
-        with pytest.raises(ConfigError, match="--presence-gate"):
-            _presence_gate(bad)
+        with pytest.raises(ConfigError, match="--presence-rescue"):
+            _probability_or_off(bad, "--presence-rescue")
     model = SimpleNamespace(config=CTReasonerConfig.from_dict({"loss": {"presence": 1.0}}))
-    set_presence_gate(model, 0.3)
+    set_presence(model, presence_gate=0.3)
     assert model.config.presence_gate == 0.3
-    set_presence_gate(model, None)
-    assert model.config.presence_gate is None
+    set_presence(model, presence_rescue=0.6)
+    assert (model.config.presence_gate, model.config.presence_rescue) == (0.3, 0.6)
+    with pytest.raises(ConfigError, match="must be >= presence_gate"):
+        set_presence(model, presence_rescue=0.2)            # below the gate: a rescued answer would fail it
+    set_presence(model, presence_gate=None, presence_rescue=None)
+    assert model.config.presence_gate is None and model.config.presence_rescue is None
     headless = SimpleNamespace(config=CTReasonerConfig())     # no presence head trained
-    with pytest.raises(ConfigError, match="presence head"):
-        set_presence_gate(headless, 0.3)
+    for setting in ("presence_gate", "presence_rescue"):
+        with pytest.raises(ConfigError, match="presence head"):
+            set_presence(headless, **{setting: 0.3})

@@ -38,25 +38,31 @@ def slice_hu():
 
 
 def script(pipeline, monkeypatch, *answers):
-    """Make the next generate() calls produce ``answers`` (text with routing tokens; None = free decoding)."""
+    """Make the next generate() calls produce ``answers`` (text with routing tokens; None = free decoding).
+    Returns the list of the ``answer_prefix`` texts those calls get, filled as they run."""
     from transformers import LogitsProcessorList
 
     lvlm = pipeline.model.lvlm
     original = lvlm.generate
     queue = list(answers)
+    prefixes = []
 
-    def generate(prompt, max_new_tokens=64, logits_processor=None):
+    def generate(prompt, max_new_tokens=64, logits_processor=None, answer_prefix=()):
         answer = queue.pop(0) if queue else None
+        prefixes.append(lvlm.decode(torch.tensor(list(answer_prefix), dtype=torch.long)))
         if answer is None:
-            return original(prompt, max_new_tokens=max_new_tokens)
-        ids = []
+            return original(prompt, max_new_tokens=max_new_tokens, logits_processor=logits_processor,
+                            answer_prefix=answer_prefix)
+        ids = []   # a scripted answer continues after a forced answer_prefix
         for piece in answer.replace("]", "]\0").replace("[", "\0[").split("\0"):
             ids += [lvlm.routing_token_ids[piece]] if piece in lvlm.routing_token_ids else lvlm.encode_text(piece)
         ids.append(lvlm.end_of_turn_id)
-        forced = LogitsProcessorList([ForceTokens(prompt.input_ids.shape[1], ids)])
-        return original(prompt, max_new_tokens=len(ids), logits_processor=forced)
+        forced = LogitsProcessorList([ForceTokens(prompt.input_ids.shape[1] + len(answer_prefix), ids)])
+        return original(prompt, max_new_tokens=len(answer_prefix) + len(ids), logits_processor=forced,
+                        answer_prefix=answer_prefix)
 
     monkeypatch.setattr(lvlm, "generate", generate)
+    return prefixes
 
 
 def bright_round_one(pipeline, monkeypatch):
@@ -240,6 +246,61 @@ def test_presence_gate_reads_the_head_presence_from_names(pipeline, slice_hu, mo
             bias.copy_(saved)
 
 
+def test_generation_continues_after_a_forced_answer_prefix(pipeline, slice_hu):
+    lvlm = pipeline.model.lvlm
+    prepared = pipeline._prepare(slice_hu)
+    free = pipeline._generate(prepared.image, [("Segment the liver.", None)])
+    assert len(free.new_ids) >= 3
+    prefix = [int(i) for i in free.new_ids[:2]]
+    continued = pipeline._generate(prepared.image, [("Segment the liver.", None)], answer_prefix=prefix)
+    # greedy decoding: feeding the first two tokens and generating the rest gives the same answer
+    assert continued.forced_ids.tolist() == prefix
+    assert continued.new_ids.tolist() == free.new_ids[2:].tolist()
+    assert continued.answer_ids.tolist() == free.new_ids.tolist()
+    assert lvlm.decode(continued.answer_ids) == lvlm.decode(free.new_ids)
+
+
+def test_presence_rescue_decodes_a_not_visible_answer_again(pipeline, slice_hu, monkeypatch):
+    lvlm = pipeline.model.lvlm
+    monkeypatch.setattr(pipeline.config, "presence_from", "image")
+    monkeypatch.setattr(pipeline.config, "presence_gate", 0.15)
+    monkeypatch.setattr(pipeline.config, "presence_rescue", 0.5)
+    bias = pipeline.model.image_presence_head.evidence[-1].bias
+    saved = bias.detach().clone()
+    try:
+        with torch.no_grad():
+            bias.fill_(30.0)    # the image head is sure every organ is present
+        prefixes = script(pipeline, monkeypatch, "The liver is not visible on this slice.", " in the right abdomen. [SEG]")
+        result = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False)
+        assert prefixes == ["", "The liver is seen"]
+        assert result.presence_rescued and not result.presence_overruled and not result.absent
+        assert result.routing_tokens == ["[SEG]"] and len(result.masks) == 1 and result.presence > 0.999
+        assert result.raw_text.startswith("The liver is seen") and "decoded again" in result.text
+        assert result.history_turns("Segment the liver.")[0][1].startswith("The liver is seen")
+
+        # the model still will not route after the forced opening: its first answer stands
+        prefixes = script(pipeline, monkeypatch, "The liver is not visible on this slice.", " not visible on this slice.")
+        result = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False)
+        assert len(prefixes) == 2 and not result.presence_rescued and result.absent and not result.masks
+        assert result.raw_text == "The liver is not visible on this slice."
+
+        # a head sure the organ is absent: no second decode
+        with torch.no_grad():
+            bias.fill_(-30.0)
+        prefixes = script(pipeline, monkeypatch, "The liver is not visible on this slice.")
+        result = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False)
+        assert prefixes == [""] and result.absent and not result.presence_rescued and result.presence < 1e-6
+
+        # rescue off: a "not visible" answer is not checked at all
+        monkeypatch.setattr(pipeline.config, "presence_rescue", None)
+        script(pipeline, monkeypatch, "The liver is not visible on this slice.")
+        result = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False)
+        assert result.absent and result.presence is None and not result.presence_rescued
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+
+
 def test_presence_gate_config_is_checked():
     from CTReasonerLib.errors import ConfigError
     from CTReasonerLib.model.config import CTReasonerConfig
@@ -252,6 +313,15 @@ def test_presence_gate_config_is_checked():
     with pytest.raises(ConfigError, match=r"presence_from must be one of"):
         CTReasonerConfig.from_dict({"presence_from": "text"})
     assert CTReasonerConfig().presence_from == "lvlm"   # folders saved before the image head read the LVLM head
+    with pytest.raises(ConfigError, match=r"presence_rescue must be a probability"):
+        CTReasonerConfig.from_dict({"presence_rescue": -0.5, "loss": {"presence": 1.0}})
+    with pytest.raises(ConfigError, match=r"presence_rescue needs a presence head"):
+        CTReasonerConfig.from_dict({"presence_rescue": 0.5})
+    with pytest.raises(ConfigError, match=r"must be >= presence_gate"):
+        CTReasonerConfig.from_dict({"presence_gate": 0.6, "presence_rescue": 0.5, "loss": {"presence": 1.0}})
+    with pytest.raises(ConfigError, match=r"visible_answer_prefix must not be empty"):
+        CTReasonerConfig.from_dict({"presence_rescue": 0.5, "visible_answer_prefix": " ", "loss": {"presence": 1.0}})
+    assert CTReasonerConfig().presence_rescue is None     # folders saved before the rescue keep their answers
 
 
 def test_absent_target_gets_no_mask(pipeline, slice_hu, monkeypatch):

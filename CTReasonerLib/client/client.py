@@ -720,4 +720,5 @@ def decode_chat_result(result: dict, shape: Tuple[int, int]) -> ChatResult:
         timings_ms={str(k): float(v) for k, v in (result.get("timings_ms") or {}).items()},
         presence=None if result.get("presence") is None else float(result["presence"]),
         presence_overruled=bool(result.get("presence_overruled", False)),
+        presence_rescued=bool(result.get("presence_rescued", False)),
     )

@@ -23,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override the model's presence_gate for this run: a probability in [0, 1], or off; "
                              "0 records every presence probability without overruling an answer, so the report's "
                              "gate sweep covers the model as it stands")
+    parser.add_argument("--presence-rescue", metavar="P|off",
+                        help="override the model's presence_rescue for this run: a probability in [0, 1] (at least "
+                             "the gate), or off; a 'not visible' answer is decoded again as visible when the presence "
+                             "head gives the organ at least P")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -39,11 +43,11 @@ def run(args) -> int:
         if args.nsd_tolerance <= 0:
             raise ConfigError(f"--nsd-tolerance must be > 0 mm, got {args.nsd_tolerance}")
         settings.nsd_tolerance_mm = args.nsd_tolerance
-    presence_gate = _presence_gate(args.presence_gate)
     out = args.out or str(Path("outputs") / "eval" / f"{Path(args.model).resolve().name}-{args.split}")
     summary, paths = evaluate_model(args.model, args.dataset, split=args.split, out_dir=out, settings=settings,
                                     limit=args.limit, device=args.device, progress=not args.no_progress,
-                                    presence_gate=presence_gate)
+                                    presence_gate=_probability_or_off(args.presence_gate, "--presence-gate"),
+                                    presence_rescue=_probability_or_off(args.presence_rescue, "--presence-rescue"))
     seg, det = summary["segmentation"]["mean"], summary["detection"]
     print(f"mean Dice {seg['dice']:.4f}, HD95 {seg['hd95_mm']:.2f} mm, NSD {seg['nsd']:.4f}, mAP@0.1 {det['map']:.4f}, "
           f"routing {summary['routing']['accuracy']:.4f}, absent {summary['absent']['accuracy']:.4f}")
@@ -51,8 +55,8 @@ def run(args) -> int:
     return 0
 
 
-def _presence_gate(value):
-    """``--presence-gate``: None (keep the model's), "off", or a probability."""
+def _probability_or_off(value, flag: str):
+    """``--presence-gate`` / ``--presence-rescue``: None (keep the model's), "off", or a probability."""
     from ..errors import ConfigError
     from ..eval.evaluate import GATE_OFF
 
@@ -65,5 +69,5 @@ def _presence_gate(value):
     except ValueError:
         gate = float("nan")
     if not 0.0 <= gate <= 1.0:
-        raise ConfigError(f"--presence-gate must be a probability in [0, 1] or 'off', got {value!r}")
+        raise ConfigError(f"{flag} must be a probability in [0, 1] or 'off', got {value!r}")
     return gate

@@ -51,7 +51,8 @@ class SampleOutcome:
     scores_round1: Optional[Dict[str, float]] = None      # round-1 mask (seg records, ablation)
     closer_look_ran: bool = False
     presence_overruled: bool = False                      # the model's presence gate overruled a routed answer
-    presence: Optional[float] = None                      # presence head's probability (routed answers, gate on)
+    presence_rescued: bool = False                        # a "not visible" answer was decoded again as visible
+    presence: Optional[float] = None                      # presence head's probability (when a presence check ran)
     target_area_mm2: float = 0.0
     gt_boxes: List[List[float]] = field(default_factory=list)
     boxes: List[Tuple[List[float], float]] = field(default_factory=list)            # the boxes a user gets
@@ -114,6 +115,7 @@ def evaluate_sample(pipeline, sample, metrics: SegmentationMetrics, settings: Ev
                             routing_correct=routing_correct(sample.task, sample.query_task, result.routing_tokens),
                             closer_look_ran=bool(result.closer_look.ran),
                             presence_overruled=bool(getattr(result, "presence_overruled", False)),
+                            presence_rescued=bool(getattr(result, "presence_rescued", False)),
                             presence=getattr(result, "presence", None),
                             gt_boxes=np.asarray(sample.boxes, dtype=float).reshape(-1, 4).tolist())
     shape = image.shape
@@ -196,10 +198,12 @@ def stratified_subset(records: Sequence[Dict[str, Any]], limit: Optional[int]) -
 
 def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_dir: Optional[str] = None,
                    settings: Optional[EvalSettings] = None, limit: Optional[int] = None, device: str = "auto",
-                   progress: bool = True, presence_gate: Union[None, float, str] = None):
+                   progress: bool = True, presence_gate: Union[None, float, str] = None,
+                   presence_rescue: Union[None, float, str] = None):
     """Load a model folder, evaluate it on a dataset split, write the report; returns (summary, paths).
 
-    ``presence_gate`` overrides the model's ``presence_gate`` for this run: a probability, or ``GATE_OFF``.
+    ``presence_gate`` and ``presence_rescue`` override the model's settings of those names for this run: a
+    probability, or ``GATE_OFF`` (switched off); None keeps the model's.
     """
     from CTReasonerLib.data.dataset import SPLITS, CuratedDataset
     from CTReasonerLib.model.ctreasoner import CTReasonerModel
@@ -213,22 +217,27 @@ def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_di
     records = [(dataset, index) for dataset in datasets for index in range(len(dataset))]
     indices = stratified_subset([dataset.records[index] for dataset, index in records], limit)
     model = CTReasonerModel.from_pretrained(model_dir, device=device).eval()
-    if presence_gate is not None:
-        set_presence_gate(model, None if presence_gate == GATE_OFF else float(presence_gate))
+    overrides = {name: None if value == GATE_OFF else float(value)
+                 for name, value in (("presence_gate", presence_gate), ("presence_rescue", presence_rescue))
+                 if value is not None}
+    if overrides:
+        set_presence(model, **overrides)
     settings = settings or EvalSettings()
     samples = [records[i][0][records[i][1]] for i in indices]
     summary, outcomes = evaluate(CTReasonerPipeline(model), samples, settings, progress)
     summary["run"] = {"model": str(model_dir), "dataset": str(dataset_dir), "split": split,
                       "presence_gate": model.config.presence_gate, "presence_from": model.config.presence_from,
+                      "presence_rescue": model.config.presence_rescue,
                       "closer_look_keep": model.config.closer_look.keep,
                       "records_in_split": len(records), "records_evaluated": len(indices)}
     paths = write_report(out_dir, summary, [asdict(o) for o in outcomes]) if out_dir else {}
     return summary, paths
 
 
-def set_presence_gate(model, gate: Optional[float]) -> None:
-    """Give ``model`` another presence gate (None: off), checked as its config checks one."""
-    model.config = model.config.updated({"presence_gate": gate})
+def set_presence(model, **settings: Optional[float]) -> None:
+    """Give ``model`` other ``presence_gate`` / ``presence_rescue`` values (None: off), checked as its config
+    checks them."""
+    model.config = model.config.updated(settings)
 
 
 def validation_dice(model, samples: Sequence) -> Dict[str, float]:
@@ -311,6 +320,8 @@ def _absent(outcomes: Sequence[SampleOutcome]) -> Dict[str, Any]:
             "false_absent_rate": _mean(false_absent), "n_present": len(present),
             "overruled_absent": sum(o.presence_overruled for o in absent),
             "overruled_present": sum(o.presence_overruled for o in present),
+            "rescued_absent": sum(o.presence_rescued for o in absent),
+            "rescued_present": sum(o.presence_rescued for o in present),
             "presence_sweep": presence_gate_sweep(outcomes)}
 
 
@@ -325,22 +336,27 @@ def presence_gate_sweep(outcomes: Sequence[SampleOutcome], gates: Sequence[float
     probability, an overruled answer is the fixed no-token, no-output answer, and an answer the gate lets
     through is the routed one. So a record whose probability is below the gate is answered 'absent', one
     at or above it keeps its routed answer (wrong for an absent target, not 'absent' for a present one),
-    and answers that routed nowhere carry no probability and keep their outcome. Empty when the run
-    recorded no probabilities (no gate). Run ``ctreasoner eval --presence-gate 0`` to sweep a model
+    and answers that routed nowhere keep their outcome (the gate never sees them; with ``presence_rescue``
+    on they may carry a probability). Rescues are held as run. Empty when the run recorded no
+    probabilities for routed answers (no gate). Run ``ctreasoner eval --presence-gate 0`` to sweep a model
     without changing any answer.
     """
-    if not any(o.presence is not None for o in outcomes):
+    if not any(_gated(o) for o in outcomes):
         return []
     absent = [o for o in outcomes if o.task == "absent"]
     present = [o for o in outcomes if o.task != "absent"]
     rows = []
     for gate in gates:
-        # o.presence is None: the answer routed nowhere, so the gate never saw it and it stands as run
-        right = [o.absent_correct if o.presence is None else o.presence < gate for o in absent]
-        wrong = [_routed_nowhere(o) if o.presence is None else o.presence < gate for o in present]
+        right = [o.presence < gate if _gated(o) else o.absent_correct for o in absent]
+        wrong = [o.presence < gate if _gated(o) else _routed_nowhere(o) for o in present]
         rows.append({"gate": gate, "absent_accuracy": _mean([float(x) for x in right]),
                      "false_absent_rate": _mean([float(x) for x in wrong])})
     return rows
+
+
+def _gated(outcome: SampleOutcome) -> bool:
+    """Did the presence gate see this answer: a routed (or overruled) one with a probability?"""
+    return outcome.presence is not None and (outcome.presence_overruled or not _routed_nowhere(outcome))
 
 
 def _routed_nowhere(outcome: SampleOutcome) -> bool:

@@ -76,6 +76,7 @@ def render_report(summary: Dict[str, Any], title: str = "CTReasoner evaluation")
               + (f"; presence gate {_gate(run['presence_gate'])}" if "presence_gate" in run else "")
               + (f" on the `{run['presence_from']}` presence head" if run.get("presence_gate") is not None
                  and "presence_from" in run else "")
+              + (f"; presence rescue {run['presence_rescue']:g}" if run.get("presence_rescue") is not None else "")
               + (f"; closer look keeps the `{run['closer_look_keep']}` round" if "closer_look_keep" in run else ""),
               f"- Time: {summary['timing']['seconds_total']:.1f} s ({summary['timing']['seconds_per_sample']:.3f} s per record)",
               ""]
@@ -132,6 +133,11 @@ def render_report(summary: Dict[str, Any], title: str = "CTReasoner evaluation")
     if overruled:
         lines += [f"The model's presence gate overruled {overruled} routed answers: {absent['overruled_absent']} on "
                   f"absent targets (now right), {absent['overruled_present']} on present targets (now wrong).", ""]
+    rescued = absent.get("rescued_absent", 0) + absent.get("rescued_present", 0)
+    if rescued:
+        lines += [f"The presence rescue decoded {rescued} \"not visible\" answers again as visible: "
+                  f"{absent['rescued_present']} on present targets (now routed), {absent['rescued_absent']} on absent "
+                  "targets (now wrong).", ""]
     if absent.get("presence_sweep"):
         lines += ["Had the presence gate been another value (exact, from this run's presence probabilities; "
                   "`presence_gate` in the model's ctreasoner_config.json):", ""]

@@ -145,6 +145,7 @@ def _result_record(query: str, result: ChatResult) -> dict:
         "target_organ": result.target_organ,
         "absent": bool(result.absent),
         "presence": result.presence, "presence_overruled": bool(result.presence_overruled),
+        "presence_rescued": bool(result.presence_rescued),
         "masks": [{"organ": m.organ, "score": float(m.score), "round": int(m.round),
                    "pixels": int(np.count_nonzero(m.mask))} for m in result.masks],
         "boxes": [{"organ": b.organ, "xyxy": [float(v) for v in np.asarray(b.xyxy).reshape(4)],

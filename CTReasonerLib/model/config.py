@@ -135,6 +135,14 @@ class CTReasonerConfig:
     #: which presence head the gate reads: "lvlm" (the LVLM's image-token states), "image" (the segmenter's
     #: image embedding; ``ctreasoner fit-presence`` trains it on frozen features) or "both" (their geometric mean).
     presence_from: str = "lvlm"
+    #: inference: when set, an answer that the organ is not visible is decoded again, forced to start with
+    #: ``visible_answer_prefix``, when the presence head gives that organ at least this probability; the model
+    #: then writes its own description and routing token (``ChatResult.presence_rescued``). Must be >=
+    #: ``presence_gate``. Needs a presence head trained with ``loss.presence > 0``. None = no second decode.
+    presence_rescue: Optional[float] = None
+    #: how answers about a visible organ begin in the training data (``data/curate/qa.py``: "The {name} is seen
+    #: ..."); ``{name}`` is the organ's display name. A model trained on other answers sets its own opening.
+    visible_answer_prefix: str = "The {name} is seen"
     model_type: str = "ctreasoner"
 
     @property
@@ -166,6 +174,16 @@ class CTReasonerConfig:
                 problems.append(f"presence_gate must be a probability in [0, 1] or null, got {self.presence_gate}")
             elif not self.loss.presence:
                 problems.append("presence_gate needs a presence head trained with loss.presence > 0")
+        if self.presence_rescue is not None:
+            if not 0.0 <= self.presence_rescue <= 1.0:
+                problems.append(f"presence_rescue must be a probability in [0, 1] or null, got {self.presence_rescue}")
+            elif not self.loss.presence:
+                problems.append("presence_rescue needs a presence head trained with loss.presence > 0")
+            elif self.presence_gate is not None and self.presence_rescue < self.presence_gate:
+                problems.append(f"presence_rescue ({self.presence_rescue}) must be >= presence_gate "
+                                f"({self.presence_gate}): a rescued answer would fail the gate")
+            if not self.visible_answer_prefix.strip():
+                problems.append("visible_answer_prefix must not be empty when presence_rescue is set")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems), "fix the model section of the config")
         return self

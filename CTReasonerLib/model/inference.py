@@ -171,10 +171,23 @@ class CTReasonerPipeline:
             # "have a closer look" after an earlier turn: redo that turn's round 1 (its features are cached),
             # then answer this question as round 2.
             round1_query, round1_history, closer_query = history[-1][0], history[:-1], query
+        turns = round1_history + [(round1_query, None)]
         with _timed(timings, "generate"):
-            generation = self._generate(prepared.image, round1_history + [(round1_query, None)])
+            generation = self._generate(prepared.image, turns)
         presence = self._presence(generation, features, round1_query)
-        overruled = presence is not None and presence < self.config.presence_gate
+        routed = self._routes(generation)
+        gate, rescue = self.config.presence_gate, self.config.presence_rescue
+        overruled = routed and presence is not None and gate is not None and presence < gate
+        rescued, prefix = False, ()
+        if not routed and presence is not None and rescue is not None and presence >= rescue:
+            with _timed(timings, "rescue"):
+                organ = _answer_organ(self.model.lvlm.decode(generation.new_ids), round1_query)
+                prefix = self.model.lvlm.encode_text(self.config.visible_answer_prefix.format(name=_organ_name(organ)))
+                retry = self._generate(prepared.image, turns, answer_prefix=prefix)
+            if self._routes(retry):  # otherwise the model still would not route: its first answer stands
+                generation, rescued = retry, True
+            else:
+                prefix = ()
         with _timed(timings, "heads"):
             if overruled:
                 organ = _answer_organ(self.model.lvlm.decode(generation.new_ids), round1_query)
@@ -183,7 +196,7 @@ class CTReasonerPipeline:
                 first = self._heads(generation, prepared, features, round1_query, score_threshold)
         if DET_TOKEN in first.tokens and first.organ and box_source == "fused":
             with _timed(timings, "mask_boxes"):
-                first.boxes = self._fused_boxes(prepared, features, round1_history, first, score_threshold)
+                first.boxes = self._fused_boxes(prepared, features, round1_history, first, score_threshold, prefix)
         masks = [self._mask_prediction(first.organ, logits, score, prepared.transform, 1, probabilities)
                  for logits, score in zip(first.mask_logits, first.mask_scores)]
         tokens = list(first.tokens)
@@ -193,8 +206,11 @@ class CTReasonerPipeline:
         if not text and not first.tokens:
             text = _no_answer_note(round1_query)
         if overruled:  # shown to the user; the history keeps the plain answer (the form the model was trained on)
-            text += (f" (Presence check {presence:.2f}, below the model's gate of {self.config.presence_gate:.2f}: "
+            text += (f" (Presence check {presence:.2f}, below the model's gate of {gate:.2f}: "
                      "its answer that the organ is visible was overruled.)")
+        if rescued:
+            text += (f" (Presence check {presence:.2f}, at or above the model's rescue threshold of {rescue:.2f}: "
+                     "its first answer, that the organ is not visible, was decoded again.)")
         if wants_closer and (first.mask_logits or first.boxes):
             with _timed(timings, "closer_look"):
                 question = closer_query or self.config.closer_look.query.format(name=_organ_name(first.organ))
@@ -210,22 +226,30 @@ class CTReasonerPipeline:
         absent = not (set(first.tokens) & {SEG_TOKEN, DET_TOKEN}) and says_not_visible(first.raw_text)
         return ChatResult(text=text, raw_text=first.raw_text, routing_tokens=tokens, target_organ=first.organ,
                           absent=absent, masks=masks, boxes=first.boxes, closer_look=info, presence=presence,
-                          presence_overruled=overruled)
+                          presence_overruled=overruled, presence_rescued=rescued)
 
     def _round_one_rated_higher(self, first: _Round, second: _Round) -> bool:
         """``closer_look.keep = "better"``: does the segmenter's IoU head rate round 1's mask above round 2's?"""
         return (self.config.closer_look.keep == "better" and bool(first.mask_scores) and bool(second.mask_scores)
                 and first.mask_scores[0] > second.mask_scores[0])
 
+    def _routes(self, generation) -> bool:
+        """Does the answer carry a [SEG] or [DET] token?"""
+        ids = self.model.lvlm.routing_token_ids
+        return bool({int(ids[SEG_TOKEN]), int(ids[DET_TOKEN])} & {int(i) for i in generation.new_ids})
+
     def _presence(self, generation, features, query: str) -> Optional[float]:
-        """The presence probability for the organ of a [SEG]/[DET] answer, under the model's
-        ``presence_gate``; None without a gate, or when the answer routes nowhere or names no organ.
+        """The presence probability for the organ the answer is about, when a presence check applies: a
+        [SEG]/[DET] answer under ``presence_gate``, or a "not visible" answer under ``presence_rescue``.
+        None otherwise, or when the answer names no organ.
         ``presence_from`` picks the head: the LVLM's last-layer states at the prompt's image tokens
         (generation step 0), the segmenter's image embedding, or the geometric mean of both."""
         lvlm = self.model.lvlm
-        routed = {int(lvlm.routing_token_ids[t]) for t in (SEG_TOKEN, DET_TOKEN)} & {int(i) for i in generation.new_ids}
-        organ = _answer_organ(lvlm.decode(generation.new_ids), query) if routed else None
-        if self.config.presence_gate is None or organ is None:
+        text = lvlm.decode(generation.new_ids)
+        checked = (self.config.presence_gate is not None if self._routes(generation)
+                   else self.config.presence_rescue is not None and says_not_visible(text))
+        organ = _answer_organ(text, query) if checked else None
+        if organ is None:
             return None
         index = get_organ(organ).label - 1
         probabilities = []
@@ -237,14 +261,15 @@ class CTReasonerPipeline:
             probabilities.append(torch.sigmoid(self.model.image_presence_head(features.image_embeddings.float())[0, index]))
         return float(torch.stack(probabilities).prod() ** (1.0 / len(probabilities)))
 
-    def _generate(self, image: torch.Tensor, turns: List[Tuple[str, Optional[str]]]):
+    def _generate(self, image: torch.Tensor, turns: List[Tuple[str, Optional[str]]], answer_prefix: Sequence[int] = ()):
         lvlm = self.model.lvlm
-        return lvlm.generate(lvlm.batch([Conversation(image, turns)]), max_new_tokens=self.max_new_tokens)
+        return lvlm.generate(lvlm.batch([Conversation(image, turns)]), max_new_tokens=self.max_new_tokens,
+                             answer_prefix=answer_prefix)
 
     def _heads(self, generation, prepared: _Slice, features, query: str, score_threshold: Optional[float]) -> _Round:
         """Run the heads the generated routing tokens ask for, on ``features`` (one image)."""
         lvlm = self.model.lvlm
-        raw_text = lvlm.decode(generation.new_ids)
+        raw_text = lvlm.decode(generation.answer_ids)
         id_to_token = {i: t for t, i in lvlm.routing_token_ids.items()}
         tokens = [id_to_token[int(i)] for i in generation.new_ids if int(i) in id_to_token]
         result = _Round(raw_text, tokens, _answer_organ(raw_text, query))
@@ -266,14 +291,15 @@ class CTReasonerPipeline:
         return result
 
     def _fused_boxes(self, prepared: _Slice, features, history: List[Tuple[str, Optional[str]]], located: _Round,
-                     score_threshold: Optional[float]) -> List[BoxPrediction]:
+                     score_threshold: Optional[float], answer_prefix: Sequence[int] = ()) -> List[BoxPrediction]:
         """``detection.box_source = "fused"``: segment the organ ``located`` found (with a closer look), then
         rank its mask's component boxes before the detection head's (``box_fusion.fuse_boxes``). When that
-        segmentation answers "not visible", the detection boxes stand as they are."""
+        segmentation answers "not visible", the detection boxes stand as they are. ``answer_prefix``: the
+        forced opening of a rescued answer (``presence_rescue``), forced on the segmentation answer too."""
         detection, name = self.config.detection, _organ_name(located.organ)
         question = detection.fusion_query.format(name=name)
-        segmented = self._heads(self._generate(prepared.image, history + [(question, None)]), prepared, features,
-                                question, None)
+        segmented = self._heads(self._generate(prepared.image, history + [(question, None)], answer_prefix),
+                                prepared, features, question, None)
         if not segmented.mask_logits:
             return located.boxes
         closer, _ = self._closer_round(prepared, segmented, question, self.config.closer_look.query.format(name=name))

@@ -120,6 +120,7 @@ def encode_chat_result(result: ChatResult, mask_encoding: str, with_probability:
         "turns": [[str(question), str(answer)] for question, answer in result.turns],
         "presence": None if result.presence is None else _finite_or_none(result.presence),
         "presence_overruled": bool(result.presence_overruled),
+        "presence_rescued": bool(result.presence_rescued),
         "routing_tokens": list(result.routing_tokens),
         "target_organ": result.target_organ,
         "absent": bool(result.absent),

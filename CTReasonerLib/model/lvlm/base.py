@@ -71,10 +71,18 @@ class Generation:
 
     new_ids: (L,) generated ids without the final end-of-turn token.
     step_hidden_states: generate()'s per-step hidden states (step 0 = the prompt).
+    forced_ids: (F,) answer ids that were fed, not generated (``generate(answer_prefix=...)``); they end
+        ``prompt.input_ids`` and come before ``new_ids`` in the answer.
     """
     prompt: LVLMBatch
     new_ids: torch.Tensor
     step_hidden_states: Tuple
+    forced_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    @property
+    def answer_ids(self) -> torch.Tensor:
+        """(F + L,) the whole answer: forced prefix, then generated ids."""
+        return torch.cat([self.forced_ids.to(self.new_ids.device), self.new_ids])
 
 
 class LVLMAdapter(nn.Module):
@@ -165,18 +173,26 @@ class LVLMAdapter(nn.Module):
                                     self.routing_token_ids[token])
 
     @torch.no_grad()
-    def generate(self, prompt: LVLMBatch, max_new_tokens: int = 64, logits_processor=None) -> Generation:
+    def generate(self, prompt: LVLMBatch, max_new_tokens: int = 64, logits_processor=None,
+                 answer_prefix: Sequence[int] = ()) -> Generation:
         """Greedy decoding with the KV cache for ONE prompt (B = 1) ending with the assistant prompt.
 
         logits_processor: optional transformers ``LogitsProcessorList`` (e.g. to force tokens in tests).
+        answer_prefix: token ids the answer must start with; they are appended to the prompt and the model
+            continues after them (``Generation.forced_ids``); they count towards ``max_new_tokens``.
         """
         if prompt.input_ids.shape[0] != 1:
             raise ValueError(f"generate() takes one prompt at a time, got {prompt.input_ids.shape[0]}")
+        forced = torch.tensor(list(answer_prefix), dtype=torch.long)
+        if len(forced):
+            ids = torch.cat([prompt.input_ids, forced[None].to(prompt.input_ids.device)], dim=1)
+            prompt = LVLMBatch(ids, torch.ones_like(ids), torch.cat([prompt.labels, forced[None].to(ids.device)], dim=1),
+                               prompt.image_inputs)
         prompt = prompt.to(self.device, self.dtype)
         output = self.model.generate(
             input_ids=prompt.input_ids, attention_mask=prompt.attention_mask,
             **prompt.image_inputs, **self.sequence_inputs(prompt.input_ids),
-            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            max_new_tokens=max(1, max_new_tokens - len(forced)), do_sample=False, num_beams=1,
             eos_token_id=self.end_of_turn_id, pad_token_id=self.tokenizer.pad_token_id,
             suppress_tokens=self.suppressed_token_ids(), logits_processor=logits_processor,
             return_dict_in_generate=True, output_hidden_states=True)
@@ -184,7 +200,7 @@ class LVLMAdapter(nn.Module):
         ended = (new_ids == self.end_of_turn_id).nonzero(as_tuple=True)[0]
         if len(ended):
             new_ids = new_ids[:int(ended[0])]
-        return Generation(prompt, new_ids, output.hidden_states)
+        return Generation(prompt, new_ids, output.hidden_states, forced)
 
     def generated_routing_states(self, generation: Generation, token: str) -> torch.Tensor:
         """States (N, D) of every ``token`` the model generated, in order.
