@@ -321,6 +321,9 @@ def test_presence_gate_config_is_checked():
         CTReasonerConfig.from_dict({"presence_gate": 0.6, "presence_rescue": 0.5, "loss": {"presence": 1.0}})
     with pytest.raises(ConfigError, match=r"visible_answer_prefix must not be empty"):
         CTReasonerConfig.from_dict({"presence_rescue": 0.5, "visible_answer_prefix": " ", "loss": {"presence": 1.0}})
+    for bad in ("The {organ} is seen", "The {} is seen", "The {name is seen"):
+        with pytest.raises(ConfigError, match=r"may use only the field \{name\}"):
+            CTReasonerConfig.from_dict({"visible_answer_prefix": bad})
     assert CTReasonerConfig().presence_rescue is None     # folders saved before the rescue keep their answers
 
 

@@ -184,6 +184,11 @@ class CTReasonerConfig:
                                 f"({self.presence_gate}): a rescued answer would fail the gate")
             if not self.visible_answer_prefix.strip():
                 problems.append("visible_answer_prefix must not be empty when presence_rescue is set")
+        try:
+            self.visible_answer_prefix.format(name="liver")
+        except (KeyError, IndexError, ValueError) as error:
+            problems.append(f"visible_answer_prefix {self.visible_answer_prefix!r} may use only the field {{name}} "
+                            f"({type(error).__name__}: {error})")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems), "fix the model section of the config")
         return self
