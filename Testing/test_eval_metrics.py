@@ -326,6 +326,26 @@ def test_presence_gate_sweep_is_exact_from_one_gated_run():
     assert rows[0.35]["absent_accuracy"] == 1.0 and rows[0.35]["false_absent_rate"] == pytest.approx(2 / 3)
     assert rows[0.95]["false_absent_rate"] == 1.0
     assert presence_gate_sweep([_gated("seg", None, ["[SEG]"])]) == []  # no gate, no probabilities
+    # presence_rescue checked a "not visible" answer (a probability, no token, not overruled): the gate never
+    # saw it, so every gate keeps it as run; a rescued answer routes and is swept like any routed one
+    checked = _gated("seg", 0.3, [])
+    checked.presence_overruled = False
+    rescued = _gated("seg", 0.6, ["[SEG]"])
+    rescued.presence_rescued = True
+    rows = presence_gate_sweep(outcomes + [checked, rescued], gates=(0.05, 0.5, 0.7))
+    assert [row["false_absent_rate"] for row in rows] == pytest.approx([2 / 5, 3 / 5, 4 / 5])
+    assert presence_gate_sweep([checked]) == []
+
+
+def test_report_counts_rescued_answers():
+    samples = _scenario()
+    summary, _ = evaluate(ScriptedPipeline(samples), samples, EvalSettings(closer_ablation=False), progress=False)
+    assert "presence rescue" not in render_report(summary)
+    summary["absent"].update(rescued_present=3, rescued_absent=1)
+    assert ('The presence rescue decoded 4 "not visible" answers again as visible: 3 on present targets '
+            '(now routed), 1 on absent targets (now wrong).') in render_report(summary)
+    summary["run"] = {"presence_gate": 0.15, "presence_from": "image", "presence_rescue": 0.5}
+    assert "presence gate 0.15 on the `image` presence head; presence rescue 0.5" in render_report(summary)
 
 
 def test_presence_gate_sweep_is_reported():

@@ -304,8 +304,12 @@ def test_chat_result_round_trip_keeps_box_sources_the_presence_check_and_the_kep
                            presence_overruled=True)
     back = decode_chat_result(json.loads(json.dumps(encode_chat_result(overruled, "bitpack", False))), (40, 40))
     assert back.presence == pytest.approx(0.1) and back.presence_overruled and back.absent
-    del wire["boxes"][1]["source"], wire["presence"], wire["presence_overruled"]  # an older server
+    rescued = ChatResult(text="The liver is seen ...", routing_tokens=["[SEG]"], presence=0.9, presence_rescued=True)
+    back = decode_chat_result(json.loads(json.dumps(encode_chat_result(rescued, "bitpack", False))), (40, 40))
+    assert back.presence_rescued and not back.presence_overruled and not decoded.presence_rescued
+    del wire["boxes"][1]["source"], wire["presence"], wire["presence_overruled"], wire["presence_rescued"]  # an older server
     del wire["closer_look"]["kept_round"]
     older = decode_chat_result(wire, (40, 40))
     assert older.boxes[1].source == "detection" and older.presence is None and not older.presence_overruled
+    assert not older.presence_rescued
     assert older.closer_look.kept_round == 2
