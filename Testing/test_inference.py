@@ -427,6 +427,39 @@ def test_closer_look_follows_the_users_request_in_a_follow_up_turn(pipeline, sli
     assert result.closer_look.ran and result.target_organ == "liver"
 
 
+def test_the_lvlm_sees_the_last_max_history_turns(pipeline, slice_hu, monkeypatch):
+    lvlm = pipeline.model.lvlm
+    seen = []
+    batch = lvlm.batch
+    monkeypatch.setattr(lvlm, "batch", lambda conversations: seen.append(conversations[0].turns) or batch(conversations))
+    history = [("Segment the spleen.", "The spleen [SEG]"), ("Detect the left kidney.", "The left kidney [DET]"),
+               ("Segment the aorta.", "The aorta [SEG]")]
+    for keep, expected in ((None, history), (1, history[-1:]), (0, []), (5, history)):
+        monkeypatch.setattr(pipeline.config, "max_history_turns", keep)
+        seen.clear()
+        script(pipeline, monkeypatch, "The liver is not visible on this slice.")
+        pipeline.chat(slice_hu, "Segment the liver.", history, closer_look=False)
+        assert seen[0] == expected + [("Segment the liver.", None)], keep
+    # "have a closer look" still finds the turn it refers to when the LVLM sees no history
+    monkeypatch.setattr(pipeline.config, "max_history_turns", 0)
+    seen.clear()
+    script(pipeline, monkeypatch, "The aorta [SEG]", "Zooming in. [CLOSER]")
+    bright_round_one(pipeline, monkeypatch)
+    result = pipeline.chat(slice_hu, "Can you have a closer look?", history)
+    assert seen[0] == [("Segment the aorta.", None)] and result.closer_look.ran and result.target_organ == "aorta"
+
+
+def test_max_history_turns_is_checked():
+    from CTReasonerLib.errors import ConfigError
+    from CTReasonerLib.model.config import CTReasonerConfig
+
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match=r"max_history_turns must be a whole number >= 0 or null"):
+            CTReasonerConfig.from_dict({"max_history_turns": bad})
+    assert CTReasonerConfig().max_history_turns is None      # folders saved before it keep the whole dialogue
+    assert CTReasonerConfig.from_dict({"max_history_turns": 0}).max_history_turns == 0
+
+
 def test_explicit_roi_closer_look(pipeline, slice_hu, monkeypatch):
     script(pipeline, monkeypatch, "Zooming in on the liver. [CLOSER]")
     result = pipeline.closer_look(slice_hu, roi_xyxy=np.array([10, 5, 50, 45]), organ="liver")

@@ -65,6 +65,7 @@ def test_shipped_configs_load():
     assert tiny_model.presence_gate == shipped.presence_gate == 0.15
     assert tiny_model.presence_from == shipped.presence_from == "image"
     assert tiny_model.presence_rescue == shipped.presence_rescue == 0.5
+    assert tiny_model.max_history_turns == shipped.max_history_turns == 2
     assert tiny_model.closer_look.keep == shipped.closer_look.keep == "better"
     finetune = load_train_config(str(REPO / "configs" / "tiny_cpu_finetune.yaml"))
     assert finetune.model.source == "pretrained" and finetune.data.records_per_slice > 1

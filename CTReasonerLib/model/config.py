@@ -143,6 +143,9 @@ class CTReasonerConfig:
     #: how answers about a visible organ begin in the training data (``data/curate/qa.py``: "The {name} is seen
     #: ..."); ``{name}`` is the organ's display name. A model trained on other answers sets its own opening.
     visible_answer_prefix: str = "The {name} is seen"
+    #: inference: how many earlier dialogue turns the LVLM sees (the most recent ones); None = all. A model
+    #: trained on dialogues of one earlier turn (the curated follow-ups) loses the thread after several.
+    max_history_turns: Optional[int] = None
     model_type: str = "ctreasoner"
 
     @property
@@ -174,6 +177,10 @@ class CTReasonerConfig:
                 problems.append(f"presence_gate must be a probability in [0, 1] or null, got {self.presence_gate}")
             elif not self.loss.presence:
                 problems.append("presence_gate needs a presence head trained with loss.presence > 0")
+        if self.max_history_turns is not None and (isinstance(self.max_history_turns, bool)
+                                                   or not isinstance(self.max_history_turns, int)
+                                                   or self.max_history_turns < 0):
+            problems.append(f"max_history_turns must be a whole number >= 0 or null, got {self.max_history_turns!r}")
         if self.presence_rescue is not None:
             if not 0.0 <= self.presence_rescue <= 1.0:
                 problems.append(f"presence_rescue must be a probability in [0, 1] or null, got {self.presence_rescue}")

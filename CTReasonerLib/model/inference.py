@@ -139,7 +139,8 @@ class CTReasonerPipeline:
         """One chat turn. ``closer_look``: True always runs round 2 on a segmented target, False never,
         None follows the model's [CLOSER] token or a request in ``query`` ("have a closer look").
         ``history``: the earlier (question, answer) turns, oldest first; after each turn append
-        ``result.history_turns(query)`` (the model's own single-organ turns) to continue the dialogue.
+        ``result.history_turns(query)`` (the model's own single-organ turns) to continue the dialogue. The
+        LVLM sees the last ``max_history_turns`` of them (model config); "have a closer look" reads the last.
         ``box_source``: "detection" or "fused" for this turn's [DET] boxes; None = the model's
         ``detection.box_source`` (see :class:`DetectionHeadConfig`)."""
         if not isinstance(query, str) or not query.strip():
@@ -171,6 +172,7 @@ class CTReasonerPipeline:
             # "have a closer look" after an earlier turn: redo that turn's round 1 (its features are cached),
             # then answer this question as round 2.
             round1_query, round1_history, closer_query = history[-1][0], history[:-1], query
+        round1_history = self._recent(round1_history)
         turns = round1_history + [(round1_query, None)]
         with _timed(timings, "generate"):
             generation = self._generate(prepared.image, turns)
@@ -232,6 +234,11 @@ class CTReasonerPipeline:
         """``closer_look.keep = "better"``: does the segmenter's IoU head rate round 1's mask above round 2's?"""
         return (self.config.closer_look.keep == "better" and bool(first.mask_scores) and bool(second.mask_scores)
                 and first.mask_scores[0] > second.mask_scores[0])
+
+    def _recent(self, history: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
+        """The earlier turns the LVLM sees: the last ``max_history_turns`` (all when None)."""
+        keep = self.config.max_history_turns
+        return history if keep is None else history[len(history) - min(keep, len(history)):]
 
     def _routes(self, generation) -> bool:
         """Does the answer carry a [SEG] or [DET] token?"""
