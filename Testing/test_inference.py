@@ -278,6 +278,11 @@ def test_presence_rescue_decodes_a_not_visible_answer_again(pipeline, slice_hu, 
         assert result.raw_text.startswith("The liver is seen") and "decoded again" in result.text
         assert result.history_turns("Segment the liver.")[0][1].startswith("The liver is seen")
 
+        # a refusal that names another organ: the rescue answers the question's organ
+        prefixes = script(pipeline, monkeypatch, "The spleen is not visible on this slice.", " here. [SEG]")
+        result = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False)
+        assert prefixes == ["", "The liver is seen"] and result.presence_rescued and result.target_organ == "liver"
+
         # the model still will not route after the forced opening: its first answer stands
         prefixes = script(pipeline, monkeypatch, "The liver is not visible on this slice.", " not visible on this slice.")
         result = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False)

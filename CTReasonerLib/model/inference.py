@@ -183,7 +183,7 @@ class CTReasonerPipeline:
         rescued, prefix = False, ()
         if not routed and presence is not None and rescue is not None and presence >= rescue:
             with _timed(timings, "rescue"):
-                organ = _answer_organ(self.model.lvlm.decode(generation.new_ids), round1_query)
+                organ = _checked_organ(self.model.lvlm.decode(generation.new_ids), round1_query, routed=False)
                 prefix = self.model.lvlm.encode_text(self.config.visible_answer_prefix.format(name=_organ_name(organ)))
                 retry = self._generate(prepared.image, turns, answer_prefix=prefix)
             if self._routes(retry):  # otherwise the model still would not route: its first answer stands
@@ -246,16 +246,17 @@ class CTReasonerPipeline:
         return bool({int(ids[SEG_TOKEN]), int(ids[DET_TOKEN])} & {int(i) for i in generation.new_ids})
 
     def _presence(self, generation, features, query: str) -> Optional[float]:
-        """The presence probability for the organ the answer is about, when a presence check applies: a
-        [SEG]/[DET] answer under ``presence_gate``, or a "not visible" answer under ``presence_rescue``.
-        None otherwise, or when the answer names no organ.
+        """The presence probability of an organ, when a presence check applies: a [SEG]/[DET] answer under
+        ``presence_gate`` (the organ the answer is about), or a "not visible" answer under ``presence_rescue``
+        (the organ the question asks about; see ``_checked_organ``). None otherwise, or when no organ is named.
         ``presence_from`` picks the head: the LVLM's last-layer states at the prompt's image tokens
         (generation step 0), the segmenter's image embedding, or the geometric mean of both."""
         lvlm = self.model.lvlm
         text = lvlm.decode(generation.new_ids)
-        checked = (self.config.presence_gate is not None if self._routes(generation)
+        routed = self._routes(generation)
+        checked = (self.config.presence_gate is not None if routed
                    else self.config.presence_rescue is not None and says_not_visible(text))
-        organ = _answer_organ(text, query) if checked else None
+        organ = _checked_organ(text, query, routed) if checked else None
         if organ is None:
             return None
         index = get_organ(organ).label - 1
@@ -467,6 +468,13 @@ def _organ_name(organ: Optional[str]) -> str:
 def _answer_organ(raw_text: str, query: str) -> Optional[str]:
     """The organ an answer is about: the one it names, else the one the question names."""
     return resolve_organ(_strip_routing(raw_text)) or resolve_organ(query)
+
+
+def _checked_organ(raw_text: str, query: str, routed: bool) -> Optional[str]:
+    """The organ a presence check reads: for a routed answer the one it is about (the gate overrules what
+    the heads would draw); for a "not visible" answer the one the question asks about (a rescue must answer
+    the question, even when the model's refusal named another organ)."""
+    return _answer_organ(raw_text, query) if routed else resolve_organ(query) or _answer_organ(raw_text, query)
 
 
 def _no_answer_note(query: str) -> str:
