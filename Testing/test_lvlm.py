@@ -99,8 +99,12 @@ def test_janus_tiny_forward_generation_states_and_reload(tmp_path):
     states, rows = adapter.routing_states(hidden, batch, "[SEG]")
     assert states.shape == (1, adapter.hidden_size) and rows.tolist() == [0]
     assert logits.shape[-1] == adapter.model.get_input_embeddings().weight.shape[0]
-    generation = adapter.generate(adapter.batch([Conversation(_image(), [("Segment the liver.", None)])]), 5)
+    prompt = adapter.batch([Conversation(_image(), [("Segment the liver.", None)])])
+    generation = adapter.generate(prompt, 5)
     assert 0 < len(generation.new_ids) <= 5
+    # a forced answer opening (the presence rescue's): greedy decoding fed its own first token continues the same
+    continued = adapter.generate(prompt, 5, answer_prefix=generation.new_ids[:1].tolist())
+    assert continued.answer_ids.tolist() == generation.new_ids.tolist()
     adapter.save_pretrained(str(tmp_path))
     reloaded = load_lvlm(tiny_lvlm_config(backbone="janus", image_size=64), str(tmp_path))
     as_base = build_lvlm(tiny_lvlm_config(backbone="janus", path=str(tmp_path)))  # a local "converted" folder
