@@ -120,6 +120,10 @@ class LossWeights:
     presence: float = 0.0
 
 
+def _is_probability(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
 @dataclass
 class CTReasonerConfig:
     lvlm: LVLMConfig = field(default_factory=LVLMConfig)
@@ -172,25 +176,24 @@ class CTReasonerConfig:
             problems.append(f"loss.lm_decision_span must be >= 1, got {self.loss.lm_decision_span}")
         if self.presence_from not in PRESENCE_FROM:
             problems.append(f"presence_from must be one of {PRESENCE_FROM}, got {self.presence_from!r}")
-        if self.presence_gate is not None:
-            if not 0.0 <= self.presence_gate <= 1.0:
-                problems.append(f"presence_gate must be a probability in [0, 1] or null, got {self.presence_gate}")
+        for name in ("presence_gate", "presence_rescue"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not _is_probability(value):
+                problems.append(f"{name} must be a probability in [0, 1] or null, got {value!r}")
             elif not self.loss.presence:
-                problems.append("presence_gate needs a presence head trained with loss.presence > 0")
-        if self.max_history_turns is not None and (isinstance(self.max_history_turns, bool)
-                                                   or not isinstance(self.max_history_turns, int)
-                                                   or self.max_history_turns < 0):
-            problems.append(f"max_history_turns must be a whole number >= 0 or null, got {self.max_history_turns!r}")
+                problems.append(f"{name} needs a presence head trained with loss.presence > 0")
         if self.presence_rescue is not None:
-            if not 0.0 <= self.presence_rescue <= 1.0:
-                problems.append(f"presence_rescue must be a probability in [0, 1] or null, got {self.presence_rescue}")
-            elif not self.loss.presence:
-                problems.append("presence_rescue needs a presence head trained with loss.presence > 0")
-            elif self.presence_gate is not None and self.presence_rescue < self.presence_gate:
+            if (_is_probability(self.presence_gate) and _is_probability(self.presence_rescue)
+                    and self.presence_rescue < self.presence_gate):
                 problems.append(f"presence_rescue ({self.presence_rescue}) must be >= presence_gate "
                                 f"({self.presence_gate}): a rescued answer would fail the gate")
             if not self.visible_answer_prefix.strip():
                 problems.append("visible_answer_prefix must not be empty when presence_rescue is set")
+        history = self.max_history_turns
+        if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 0):
+            problems.append(f"max_history_turns must be a whole number >= 0 or null, got {history!r}")
         try:
             self.visible_answer_prefix.format(name="liver")
         except (KeyError, IndexError, ValueError) as error:
