@@ -148,7 +148,7 @@ class CTReasonerConfig:
     #: ..."); ``{name}`` is the organ's display name. A model trained on other answers sets its own opening.
     visible_answer_prefix: str = "The {name} is seen"
     #: inference: how many earlier dialogue turns the LVLM sees (the most recent ones); None = all. A model
-    #: trained on dialogues of one earlier turn (the curated follow-ups) loses the thread after several.
+    #: trained on short dialogues (a curated follow-up has at most two earlier turns) loses the thread after more.
     max_history_turns: Optional[int] = None
     model_type: str = "ctreasoner"
 

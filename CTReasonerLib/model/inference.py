@@ -176,15 +176,15 @@ class CTReasonerPipeline:
         turns = round1_history + [(round1_query, None)]
         with _timed(timings, "generate"):
             generation = self._generate(prepared.image, turns)
-        presence = self._presence(generation, features, round1_query)
+        presence, checked_organ = self._presence(generation, features, round1_query)
         routed = self._routes(generation)
         gate, rescue = self.config.presence_gate, self.config.presence_rescue
         overruled = routed and presence is not None and gate is not None and presence < gate
         rescued, prefix = False, ()
         if not routed and presence is not None and rescue is not None and presence >= rescue:
             with _timed(timings, "rescue"):
-                organ = _checked_organ(self.model.lvlm.decode(generation.new_ids), round1_query, routed=False)
-                prefix = self.model.lvlm.encode_text(self.config.visible_answer_prefix.format(name=_organ_name(organ)))
+                name = _organ_name(checked_organ)
+                prefix = self.model.lvlm.encode_text(self.config.visible_answer_prefix.format(name=name))
                 retry = self._generate(prepared.image, turns, answer_prefix=prefix)
             if self._routes(retry):  # otherwise the model still would not route: its first answer stands
                 generation, rescued = retry, True
@@ -192,8 +192,7 @@ class CTReasonerPipeline:
                 prefix = ()
         with _timed(timings, "heads"):
             if overruled:
-                organ = _answer_organ(self.model.lvlm.decode(generation.new_ids), round1_query)
-                first = _Round(f"The {_organ_name(organ)} is not visible on this slice.", [], organ)
+                first = _Round(f"The {_organ_name(checked_organ)} is not visible on this slice.", [], checked_organ)
             else:
                 first = self._heads(generation, prepared, features, round1_query, score_threshold)
         if DET_TOKEN in first.tokens and first.organ and box_source == "fused":
@@ -238,17 +237,20 @@ class CTReasonerPipeline:
     def _recent(self, history: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
         """The earlier turns the LVLM sees: the last ``max_history_turns`` (all when None)."""
         keep = self.config.max_history_turns
-        return history if keep is None else history[len(history) - min(keep, len(history)):]
+        if keep is None:
+            return history
+        return history[-keep:] if keep else []
 
     def _routes(self, generation) -> bool:
         """Does the answer carry a [SEG] or [DET] token?"""
         ids = self.model.lvlm.routing_token_ids
         return bool({int(ids[SEG_TOKEN]), int(ids[DET_TOKEN])} & {int(i) for i in generation.new_ids})
 
-    def _presence(self, generation, features, query: str) -> Optional[float]:
-        """The presence probability of an organ, when a presence check applies: a [SEG]/[DET] answer under
-        ``presence_gate`` (the organ the answer is about), or a "not visible" answer under ``presence_rescue``
-        (the organ the question asks about; see ``_checked_organ``). None otherwise, or when no organ is named.
+    def _presence(self, generation, features, query: str) -> Tuple[Optional[float], Optional[str]]:
+        """(probability, organ key) of the organ a presence check reads, when one applies: a [SEG]/[DET]
+        answer under ``presence_gate`` (the organ the answer is about), or a "not visible" answer under
+        ``presence_rescue`` (the organ the question asks about; see ``_checked_organ``). (None, None)
+        otherwise, or when no organ is named.
         ``presence_from`` picks the head: the LVLM's last-layer states at the prompt's image tokens
         (generation step 0), the segmenter's image embedding, or the geometric mean of both."""
         lvlm = self.model.lvlm
@@ -258,7 +260,7 @@ class CTReasonerPipeline:
                    else self.config.presence_rescue is not None and says_not_visible(text))
         organ = _checked_organ(text, query, routed) if checked else None
         if organ is None:
-            return None
+            return None, None
         index = get_organ(organ).label - 1
         probabilities = []
         if self.config.presence_from in ("lvlm", "both"):
@@ -267,7 +269,7 @@ class CTReasonerPipeline:
             probabilities.append(torch.sigmoid(self.model.presence_head(hidden.float(), image_tokens)[0, index]))
         if self.config.presence_from in ("image", "both"):
             probabilities.append(torch.sigmoid(self.model.image_presence_head(features.image_embeddings.float())[0, index]))
-        return float(torch.stack(probabilities).prod() ** (1.0 / len(probabilities)))
+        return float(torch.stack(probabilities).prod() ** (1.0 / len(probabilities))), organ
 
     def _generate(self, image: torch.Tensor, turns: List[Tuple[str, Optional[str]]], answer_prefix: Sequence[int] = ()):
         lvlm = self.model.lvlm
