@@ -2,6 +2,7 @@
 
     python bench/bench_chat_turn.py [--model DIR] [--turns 5] [--threads 2] [--query "segment the left kidney" --organ-label 3]
     python bench/bench_chat_turn.py --query "where is the left kidney?"    # a detection turn (fused boxes)
+    python bench/bench_chat_turn.py --device cuda                           # the same turns on a GPU (bf16)
 
 Each turn uses a different slice of a 512x512 phantom (no embedding-cache hits), after one warm-up turn.
 Prints each turn's wall time and per-stage timings, the median, and the ratio median / 2 s (issue 3's target:
@@ -30,6 +31,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--query", default="segment the left kidney")
     parser.add_argument("--organ-label", type=int, default=3, help="label of the queried organ (slices are drawn where it is)")
+    parser.add_argument("--device", default="cpu", help="cpu (the 2 s target's machine), cuda, cuda:N or auto")
     args = parser.parse_args()
 
     import torch
@@ -43,7 +45,7 @@ def main() -> int:
     if not organ_slices:
         raise SystemExit(f"label {args.organ_label} is not on any slice of the benchmark phantom")
     slices = [organ_slices[i * len(organ_slices) // (args.turns + 1)] for i in range(args.turns + 1)]
-    pipeline = CTReasonerPipeline.from_pretrained(args.model, device="cpu")
+    pipeline = CTReasonerPipeline.from_pretrained(args.model, device=args.device)
 
     times = []
     for turn, k in enumerate(slices):
@@ -59,7 +61,7 @@ def main() -> int:
     if not times:
         raise SystemExit("no turn found the organ (no closer look, no box): nothing to time")
     median = statistics.median(times)
-    print(f"median {median * 1000:.0f} ms over {len(times)} answered turns, {args.threads} thread(s); "
+    print(f"median {median * 1000:.0f} ms over {len(times)} answered turns on {pipeline.model.device}, {args.threads} thread(s); "
           f"median / {TARGET_S:.0f} s target = {median / TARGET_S:.2f}")
     return 0
 
