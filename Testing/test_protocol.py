@@ -279,6 +279,31 @@ def test_jobs_progress_cancel_running_and_queued():
     manager.shutdown()
 
 
+def test_a_job_is_no_longer_active_once_its_answer_is_sent():
+    manager = JobManager()
+    active_when_answered, started, release = {}, threading.Event(), threading.Event()
+
+    def answer(name):
+        return lambda result, error: active_when_answered.__setitem__(name, manager.active("s1"))
+
+    def blocking_work(job):
+        started.set()
+        release.wait(10)
+        return "done"
+
+    manager.submit(Job("running", "s1", "chat", lambda note: None, answer("running")), blocking_work)
+    manager.submit(Job("queued", "s1", "chat", lambda note: None, answer("queued")), lambda job: "never")
+    assert started.wait(10)
+    assert manager.cancel("s1", "queued")
+    assert active_when_answered["queued"] == 1          # answered at once; only the running job is left
+    release.set()
+    deadline = time.monotonic() + 10
+    while "running" not in active_when_answered and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert active_when_answered["running"] == 0
+    manager.shutdown()
+
+
 def test_propagation_order():
     assert propagation_order(5, 2, 8, "up") == [[6, 7, 8]]
     assert propagation_order(5, 2, 8, "down") == [[4, 3, 2]]

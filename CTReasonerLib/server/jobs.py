@@ -32,6 +32,7 @@ class Job:
         self._cancelled = threading.Event()
         self._state_lock = threading.Lock()
         self.state = "queued"          # queued -> running -> finished
+        self._on_finished: Callable[[], None] = lambda: None   # set by JobManager.submit
 
     @property
     def cancelled(self) -> bool:
@@ -56,11 +57,13 @@ class Job:
             return True
 
     def finish(self, result: Any = None, error: Optional[BaseException] = None) -> None:
-        """Answer the request exactly once."""
+        """Answer the request exactly once, after the job has left its manager: a client that sees the
+        answer and then asks ``ping`` must not find the job still counted as active."""
         with self._state_lock:
             if self.state == "finished":
                 return
             self.state = "finished"
+        self._on_finished()
         self._finish(result, error)
 
     def cancel(self) -> None:
@@ -86,7 +89,12 @@ class JobManager:
                 raise RpcError(ErrorCode.INVALID_PARAMS, f"job id {job.job_id!r} is already in use in this session",
                                "use a fresh job_id per call (the client library does this)")
             self._jobs[key] = job
+        job._on_finished = lambda: self._forget(key)
         self._executor.submit(self._run, job, work)
+
+    def _forget(self, key: Tuple[str, str]) -> None:
+        with self._lock:
+            self._jobs.pop(key, None)
 
     def _run(self, job: Job, work: Callable[[Job], Any]) -> None:
         try:
@@ -102,8 +110,7 @@ class JobManager:
                 else:
                     job.finish(result=result)
         finally:
-            with self._lock:
-                self._jobs.pop((job.session_id, job.job_id), None)
+            self._forget((job.session_id, job.job_id))
 
     def cancel(self, session_id: str, job_id: str) -> bool:
         with self._lock:
