@@ -37,6 +37,7 @@ def main() -> int:
     import torch
 
     from CTReasonerLib.data.phantom import PhantomConfig, generate_phantom
+    from CTReasonerLib.errors import CTReasonerError
     from CTReasonerLib.model.inference import CTReasonerPipeline
 
     torch.set_num_threads(args.threads)
@@ -45,7 +46,10 @@ def main() -> int:
     if not organ_slices:
         raise SystemExit(f"label {args.organ_label} is not on any slice of the benchmark phantom")
     slices = [organ_slices[i * len(organ_slices) // (args.turns + 1)] for i in range(args.turns + 1)]
-    pipeline = CTReasonerPipeline.from_pretrained(args.model, device=args.device)
+    try:
+        pipeline = CTReasonerPipeline.from_pretrained(args.model, device=args.device)
+    except CTReasonerError as error:
+        raise SystemExit(f"error: {error}")
 
     times = []
     for turn, k in enumerate(slices):
