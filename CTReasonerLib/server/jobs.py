@@ -32,7 +32,7 @@ class Job:
         self._cancelled = threading.Event()
         self._state_lock = threading.Lock()
         self.state = "queued"          # queued -> running -> finished
-        self._on_finished: Callable[[], None] = lambda: None   # set by JobManager.submit
+        self.on_finished: Callable[[], None] = lambda: None   # JobManager.submit: leave its registry
 
     @property
     def cancelled(self) -> bool:
@@ -63,7 +63,7 @@ class Job:
             if self.state == "finished":
                 return
             self.state = "finished"
-        self._on_finished()
+        self.on_finished()
         self._finish(result, error)
 
     def cancel(self) -> None:
@@ -89,7 +89,7 @@ class JobManager:
                 raise RpcError(ErrorCode.INVALID_PARAMS, f"job id {job.job_id!r} is already in use in this session",
                                "use a fresh job_id per call (the client library does this)")
             self._jobs[key] = job
-        job._on_finished = lambda: self._forget(key)
+        job.on_finished = lambda: self._forget(key)
         self._executor.submit(self._run, job, work)
 
     def _forget(self, key: Tuple[str, str]) -> None:
@@ -97,20 +97,18 @@ class JobManager:
             self._jobs.pop(key, None)
 
     def _run(self, job: Job, work: Callable[[Job], Any]) -> None:
+        """Every path ends in ``job.finish``, which drops the job from the registry."""
+        if not job.start():
+            return  # cancelled while queued: already answered
         try:
-            if not job.start():
-                return
-            try:
-                result = work(job)
-            except BaseException as exc:  # reported to this request only; the worker keeps serving
-                job.finish(error=exc)
+            result = work(job)
+        except BaseException as exc:  # reported to this request only; the worker keeps serving
+            job.finish(error=exc)
+        else:
+            if job.cancelled:
+                job.finish(error=JobCancelled(job.job_id))
             else:
-                if job.cancelled:
-                    job.finish(error=JobCancelled(job.job_id))
-                else:
-                    job.finish(result=result)
-        finally:
-            self._forget((job.session_id, job.job_id))
+                job.finish(result=result)
 
     def cancel(self, session_id: str, job_id: str) -> bool:
         with self._lock:
