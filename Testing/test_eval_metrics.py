@@ -337,6 +337,36 @@ def test_presence_gate_sweep_is_exact_from_one_gated_run():
     assert presence_gate_sweep([checked]) == []
 
 
+def test_routing_errors_are_counted_by_cause_and_reported():
+    from CTReasonerLib.eval.evaluate import ROUTING_ERROR_CAUSES, SampleOutcome, _routing
+    from CTReasonerLib.eval.report import ROUTING_ERROR_TEXT
+
+    def outcome(task, tokens, correct, presence=None, overruled=False, rescued=False, query_task="seg"):
+        return SampleOutcome(id=f"{task}-{len(tokens)}-{presence}", organ="liver", task=task, query_task=query_task,
+                             routing_tokens=tokens, routing_correct=correct, presence=presence,
+                             presence_overruled=overruled, presence_rescued=rescued)
+
+    outcomes = [outcome("seg", ["[SEG]"], True, presence=0.9),
+                outcome("absent", ["[SEG]"], False, presence=0.7),                 # the gate let it through
+                outcome("absent", ["[SEG]"], False, presence=0.7),
+                outcome("absent", ["[DET]"], False, presence=0.6, rescued=True),    # the rescue routed it
+                outcome("absent", ["[DET]"], False),                                # no gate at all
+                outcome("seg", [], False, presence=0.1, overruled=True),
+                outcome("det", [], False, query_task="det"),                        # the LM's own "not visible"
+                outcome("det", ["[SEG]"], False, query_task="det")]                 # the wrong task's token
+    routing = _routing(outcomes)
+    assert routing["errors"] == {"absent_passed_gate": 2, "absent_rescued": 1, "absent_routed_ungated": 1,
+                                 "present_overruled": 1, "present_not_visible": 1, "present_other_task": 1}
+    assert set(ROUTING_ERROR_TEXT) == set(ROUTING_ERROR_CAUSES)
+    samples = _scenario()
+    summary, _ = evaluate(ScriptedPipeline(samples), samples, EvalSettings(closer_ablation=False), progress=False)
+    assert "wrong routing answers were wrong" not in render_report(summary)   # every answer routed right
+    summary["routing"]["errors"] = routing["errors"]
+    report = render_report(summary)
+    assert "Why the 7 wrong routing answers were wrong:" in report
+    assert f"| {ROUTING_ERROR_TEXT['absent_passed_gate']} | 2 |" in report
+
+
 def test_report_counts_rescued_answers():
     samples = _scenario()
     summary, _ = evaluate(ScriptedPipeline(samples), samples, EvalSettings(closer_ablation=False), progress=False)

@@ -308,7 +308,28 @@ def _ap_table(outcomes: Sequence[SampleOutcome], key: str, tasks: Sequence[str],
 def _routing(outcomes: Sequence[SampleOutcome]) -> Dict[str, Any]:
     by_task = {task: _mean([float(o.routing_correct) for o in outcomes if o.task == task])
                for task in ("seg", "det", "absent")}
-    return {"accuracy": _mean([float(o.routing_correct) for o in outcomes]), "n": len(outcomes), "by_task": by_task}
+    errors = {cause: 0 for cause in ROUTING_ERROR_CAUSES}
+    for outcome in outcomes:
+        if not outcome.routing_correct:
+            errors[routing_error_cause(outcome)] += 1
+    return {"accuracy": _mean([float(o.routing_correct) for o in outcomes]), "n": len(outcomes), "by_task": by_task,
+            "errors": errors}
+
+
+#: Why a routing answer was wrong; the report explains each.
+ROUTING_ERROR_CAUSES = ("absent_passed_gate", "absent_rescued", "absent_routed_ungated",
+                        "present_overruled", "present_not_visible", "present_other_task")
+
+
+def routing_error_cause(outcome: SampleOutcome) -> str:
+    """Which of ``ROUTING_ERROR_CAUSES`` explains a wrong routing answer (``outcome.routing_correct`` False)."""
+    if outcome.task == "absent":
+        if outcome.presence_rescued:
+            return "absent_rescued"
+        return "absent_passed_gate" if outcome.presence is not None else "absent_routed_ungated"
+    if outcome.presence_overruled:
+        return "present_overruled"
+    return "present_not_visible" if _routed_nowhere(outcome) else "present_other_task"
 
 
 def _absent(outcomes: Sequence[SampleOutcome]) -> Dict[str, Any]:

@@ -17,6 +17,16 @@ REPORT_FILE = "eval_report.md"
 RESULTS_FILE = "eval_results.json"
 SAMPLES_FILE = "eval_samples.jsonl"
 
+#: The report's words for each of evaluate.ROUTING_ERROR_CAUSES.
+ROUTING_ERROR_TEXT = {
+    "absent_passed_gate": "absent target routed; the presence gate let it through (probability at or above the gate)",
+    "absent_rescued": "absent target routed by the presence rescue",
+    "absent_routed_ungated": "absent target routed; no presence gate ran",
+    "present_overruled": "present target overruled by the presence gate",
+    "present_not_visible": "present target answered \"not visible\" (no rescue, or the rescue did not route)",
+    "present_other_task": "present target routed to the other task's token, or to both",
+}
+
 TABLE7_ORGANS = ("portal_splenic_veins", "right_adrenal_gland", "left_adrenal_gland", "duodenum")
 
 # Reported in the paper (BTCV++ test split), in Table 1 column order, for side-by-side reading.
@@ -129,6 +139,11 @@ def render_report(summary: Dict[str, Any], title: str = "CTReasoner evaluation")
         ["Absent-target accuracy (no token, no mask, no box)", percent(absent["accuracy"]), absent["n"]],
         ["False 'absent' on present targets", percent(absent["false_absent_rate"]), absent["n_present"]],
     ])
+    errors = routing.get("errors") or {}
+    if any(errors.values()):
+        lines += [f"Why the {sum(errors.values())} wrong routing answers were wrong:", ""]
+        lines += _table(["Cause", "Records"], [[ROUTING_ERROR_TEXT[cause], count]
+                                               for cause, count in errors.items() if count])
     overruled = absent.get("overruled_absent", 0) + absent.get("overruled_present", 0)
     if overruled:
         lines += [f"The model's presence gate overruled {overruled} routed answers: {absent['overruled_absent']} on "
