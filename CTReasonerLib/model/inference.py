@@ -176,8 +176,8 @@ class CTReasonerPipeline:
         turns = round1_history + [(round1_query, None)]
         with _timed(timings, "generate"):
             generation = self._generate(prepared.image, turns)
-        presence, checked_organ = self._presence(generation, features, round1_query)
         routed = self._routes(generation)
+        presence, checked_organ = self._presence(generation, features, round1_query, routed)
         gate, rescue = self.config.presence_gate, self.config.presence_rescue
         overruled = routed and presence is not None and gate is not None and presence < gate
         rescued, prefix = False, ()
@@ -246,16 +246,16 @@ class CTReasonerPipeline:
         ids = self.model.lvlm.routing_token_ids
         return bool({int(ids[SEG_TOKEN]), int(ids[DET_TOKEN])} & {int(i) for i in generation.new_ids})
 
-    def _presence(self, generation, features, query: str) -> Tuple[Optional[float], Optional[str]]:
+    def _presence(self, generation, features, query: str, routed: bool) -> Tuple[Optional[float], Optional[str]]:
         """(probability, organ key) of the organ a presence check reads, when one applies: a [SEG]/[DET]
         answer under ``presence_gate`` (the organ the answer is about), or a "not visible" answer under
         ``presence_rescue`` (the organ the question asks about; see ``_checked_organ``). (None, None)
         otherwise, or when no organ is named.
         ``presence_from`` picks the head: the LVLM's last-layer states at the prompt's image tokens
-        (generation step 0), the segmenter's image embedding, or the geometric mean of both."""
+        (generation step 0), the segmenter's image embedding, or the geometric mean of both. ``routed``:
+        ``self._routes(generation)``, which the caller has already worked out."""
         lvlm = self.model.lvlm
         text = lvlm.decode(generation.new_ids)
-        routed = self._routes(generation)
         checked = (self.config.presence_gate is not None if routed
                    else self.config.presence_rescue is not None and says_not_visible(text))
         organ = _checked_organ(text, query, routed) if checked else None
