@@ -235,9 +235,9 @@ def test_evaluate_scores_every_table_and_the_report_renders(tmp_path):
     summary["run"]["closer_look_keep"] = "better"
     report = render_report(summary)
     assert "closer look keeps the `better` round" in report and "`closer_look.keep = better`" in report
-    assert "presence head" not in report
+    assert "presence from" not in report
     summary["run"].update(presence_gate=0.15, presence_from="image")
-    assert "presence gate 0.15 on the `image` presence head" in render_report(summary)
+    assert "presence gate 0.15 on presence from `image`" in render_report(summary)
 
 
 def test_ap_ranks_boxes_below_the_display_threshold_but_absent_targets_count_only_shown_boxes():
@@ -375,7 +375,7 @@ def test_report_counts_rescued_answers():
     assert ('The presence rescue decoded 4 "not visible" answers again as visible: 3 on present targets '
             '(now routed), 1 on absent targets (now wrong).') in render_report(summary)
     summary["run"] = {"presence_gate": 0.15, "presence_from": "image", "presence_rescue": 0.5}
-    assert "presence gate 0.15 on the `image` presence head; presence rescue 0.5" in render_report(summary)
+    assert "presence gate 0.15 on presence from `image`; presence rescue 0.5" in render_report(summary)
 
 
 def test_presence_gate_sweep_is_reported():

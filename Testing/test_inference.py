@@ -4,6 +4,7 @@ cache, interactive refinement, and the query helpers. Generation is steered with
 where a test needs particular tokens; everything after generation runs for real."""
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -220,13 +221,14 @@ def test_presence_gate_reads_the_head_presence_from_names(pipeline, slice_hu, mo
         embedding = model.segmenter.encode(image[None]).image_embeddings
         image_probability = float(torch.sigmoid(model.image_presence_head(embedding))[0, 5])   # liver = label 6
     monkeypatch.setattr(pipeline.config, "presence_gate", 0.0)
-    script(pipeline, monkeypatch, *["The liver [SEG]"] * 5)   # one answer per chat below
+    script(pipeline, monkeypatch, *["The liver [SEG]"] * 7)   # one answer per chat below
     lvlm_probability = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False).presence
     monkeypatch.setattr(pipeline.config, "presence_from", "image")
     assert pipeline.chat(slice_hu, "Segment the liver.", closer_look=False).presence == pytest.approx(image_probability, abs=1e-4)
-    monkeypatch.setattr(pipeline.config, "presence_from", "both")
-    both = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False).presence
-    assert both == pytest.approx((image_probability * lvlm_probability) ** 0.5, abs=1e-4)
+    for both in ("both", "lvlm+image", "image+lvlm"):   # "both": the older name
+        monkeypatch.setattr(pipeline.config, "presence_from", both)
+        presence = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False).presence
+        assert presence == pytest.approx((image_probability * lvlm_probability) ** 0.5, abs=1e-4)
     # the image head alone decides: a head sure the liver is absent overrules the routed answer
     monkeypatch.setattr(pipeline.config, "presence_from", "image")
     monkeypatch.setattr(pipeline.config, "presence_gate", 0.5)
@@ -237,6 +239,7 @@ def test_presence_gate_reads_the_head_presence_from_names(pipeline, slice_hu, mo
     try:
         result = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False)
         assert result.presence_overruled and not result.masks and result.presence < 1e-6
+        assert result.timings_ms["presence"] >= 0.0   # the check is its own timed stage
         with torch.no_grad():
             bias.fill_(30.0)
         result = pipeline.chat(slice_hu, "Segment the liver.", closer_look=False)
@@ -315,8 +318,19 @@ def test_presence_gate_config_is_checked():
     with pytest.raises(ConfigError, match=r"loss.presence > 0"):
         CTReasonerConfig.from_dict({"presence_gate": 0.25})
     assert CTReasonerConfig.from_dict({"presence_gate": 0.25, "loss": {"presence": 1.0}}).presence_gate == 0.25
-    with pytest.raises(ConfigError, match=r"presence_from must be one of"):
-        CTReasonerConfig.from_dict({"presence_from": "text"})
+    for wrong in ("text", "image+text", "image+image", "", "+"):
+        with pytest.raises(ConfigError, match=r"presence_from must name one or more of"):
+            CTReasonerConfig.from_dict({"presence_from": wrong})
+    assert CTReasonerConfig.from_dict({"presence_from": "lvlm+image"}).presence_from == "lvlm+image"
+    with pytest.raises(ConfigError, match=r"no pixel_presence network"):
+        CTReasonerConfig.from_dict({"presence_from": "image+pixels"})
+    with_pixels = CTReasonerConfig.from_dict({"presence_from": "pixels", "pixel_presence": {"top_k": 2}})
+    assert (with_pixels.pixel_presence.top_k, with_pixels.pixel_presence.image_size) == (2, 128)
+    assert CTReasonerConfig.from_dict(json.loads(json.dumps(with_pixels.to_dict()))) == with_pixels   # JSON round trip
+    with pytest.raises(ConfigError, match=r"pixel_presence.image_size must be a multiple of 16"):
+        CTReasonerConfig.from_dict({"pixel_presence": {"image_size": 100}})
+    with pytest.raises(ConfigError, match=r"unknown model config key\(s\) pixel_presence.depth"):
+        CTReasonerConfig.from_dict({"pixel_presence": {"depth": 3}})
     assert CTReasonerConfig().presence_from == "lvlm"   # folders saved before the image head read the LVLM head
     with pytest.raises(ConfigError, match=r"presence_rescue must be a probability"):
         CTReasonerConfig.from_dict({"presence_rescue": -0.5, "loss": {"presence": 1.0}})

@@ -62,8 +62,9 @@ def test_shipped_configs_load():
     tiny_model = CTReasonerConfig.from_dict(tiny.model.config)  # the inference settings the committed model has
     shipped = CTReasonerConfig.load(str(REPO / "Resources" / "Models" / "CTReasoner-Tiny"))
     assert tiny_model.detection.box_source == shipped.detection.box_source == "fused"
-    assert tiny_model.presence_gate == shipped.presence_gate == 0.15
-    assert tiny_model.presence_from == shipped.presence_from == "image"
+    # the recipe gates on the image head; the committed model's stage 9 fitted a pixel network to gate on
+    assert (tiny_model.presence_from, tiny_model.presence_gate) == ("image", 0.15)
+    assert (shipped.presence_from, shipped.presence_gate) == ("pixels", 0.1) and shipped.pixel_presence is not None
     assert tiny_model.presence_rescue == shipped.presence_rescue == 0.5
     assert tiny_model.max_history_turns == shipped.max_history_turns == 2
     assert tiny_model.closer_look.keep == shipped.closer_look.keep == "better"
@@ -443,24 +444,31 @@ def test_lr_multipliers_give_new_heads_their_own_group():
 
 
 # ------------------------------------------------------------------------------- fit-presence
-@pytest.mark.slow
-def test_fit_presence_trains_only_the_image_head_and_writes_a_gated_folder(tmp_path, tiny_dataset, monkeypatch, capsys):
-    """ctreasoner fit-presence: the BCE falls, every other weight stays, the folder reloads with the gate on."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def _saved_untrained_model(tmp_path: Path):
+    """A new tiny model saved to ``tmp_path / "model"``, and its weights (to see what a fit changes)."""
     from fixtures_model import tiny_model_config
-    from CTReasonerLib.cli import main as cli_main
     from CTReasonerLib.model.ctreasoner import CTReasonerModel
 
     torch.manual_seed(0)
     source = tmp_path / "model"
     CTReasonerModel.build_tiny(tiny_model_config()).save_pretrained(str(source))
-    before = _safetensors(source)
+    return source, _safetensors(source)
+
+
+@pytest.mark.slow
+def test_fit_presence_trains_only_the_image_head_and_writes_a_gated_folder(tmp_path, tiny_dataset, monkeypatch, capsys):
+    """ctreasoner fit-presence: the BCE falls, every other weight stays, the folder reloads with the gate on."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from CTReasonerLib.cli import main as cli_main
+    from CTReasonerLib.model.ctreasoner import CTReasonerModel
+
+    source, before = _saved_untrained_model(tmp_path)
     out = tmp_path / "fitted"
     code = cli_main(["fit-presence", str(source), str(tiny_dataset), "--out", str(out), "--epochs", "6",
                      "--lr", "1e-2", "--gate", "0.15", "--device", "cpu", "--no-progress"])
     assert code == 0
     info = json.loads((out / "presence_fit.json").read_text())
-    assert info["slices"] > 0 and info["bce_per_epoch"][-1] < info["bce_per_epoch"][0]
+    assert info["slices"] > 0 and info["loss_per_epoch"][-1] < info["loss_per_epoch"][0]
     after = _safetensors(out)
     assert set(after) == set(before)
     changed = {name for name in before if not torch.equal(before[name], after[name])}
@@ -483,3 +491,65 @@ def test_fit_presence_trains_only_the_image_head_and_writes_a_gated_folder(tmp_p
                           ([str(tiny_dataset), str(tiny_dataset), "--out", str(tmp_path / "y")], "not a model folder")]:
         assert cli_main(["fit-presence", *argv, "--no-progress"]) != 0
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fit_presence_pixels_adds_a_pixel_network_that_the_gate_reads(tmp_path, tiny_dataset, monkeypatch, capsys):
+    """ctreasoner fit-presence --head pixels: a new network and config section, every old weight kept, and the
+    reloaded network tells a slice's organs from the others; the gate reads it with the image head."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from CTReasonerLib.cli import main as cli_main
+    from CTReasonerLib.model.ctreasoner import CTReasonerModel
+    from CTReasonerLib.model.inference import CTReasonerPipeline
+    from CTReasonerLib.organs import ORGANS
+    from CTReasonerLib.train.presence_fit import dataset_slices
+
+    source, before = _saved_untrained_model(tmp_path)
+    out = tmp_path / "fitted"
+    # "pixels" cannot be read before a network exists
+    assert cli_main(["fit-presence", str(source), str(tiny_dataset), "--out", str(tmp_path / "no"),
+                     "--presence-from", "image+pixels", "--device", "cpu", "--no-progress"]) != 0
+    assert "has none" in capsys.readouterr().err
+    assert cli_main(["fit-presence", str(source), str(tiny_dataset), "--out", str(tmp_path / "bad"),
+                     "--head", "pixels", "--presence-from", "image+text", "--no-progress"]) != 0
+    assert "presence_from must name" in capsys.readouterr().err
+
+    code = cli_main(["fit-presence", str(source), str(tiny_dataset), "--out", str(out), "--head", "pixels",
+                     "--presence-from", "image+pixels", "--epochs", "40", "--batch-size", "4", "--lr", "1e-2", "--gate", "0.3", "--device", "cpu",
+                     "--no-progress"])
+    assert code == 0
+    info = json.loads((out / "pixel_presence_fit.json").read_text())
+    assert info["head"] == "pixels" and info["loss_per_epoch"][-1] < info["loss_per_epoch"][0]
+    after = _safetensors(out)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert {name for name in after if name not in before} and all(
+        name.startswith("p.pixel_presence_net.") for name in after if name not in before)
+    reloaded = CTReasonerModel.from_pretrained(str(out), device="cpu")
+    assert (reloaded.config.presence_from, reloaded.config.presence_gate) == ("image+pixels", 0.3)
+    assert reloaded.config.pixel_presence is not None
+    assert not any(p.requires_grad for p in reloaded.pixel_presence_net.parameters())   # frozen in ctreasoner train
+
+    slices = dataset_slices(str(tiny_dataset), "train")
+    images = torch.stack([reloaded.slice_input(hu)[0] for hu, _ in slices])
+    from CTReasonerLib.model.auxiliary import organ_presence
+    truth = torch.stack([organ_presence(labels) for _, labels in slices])
+    with torch.no_grad():
+        probabilities = reloaded.pixel_presence_net.presence(images)
+    assert probabilities[truth == 1].mean() > probabilities[truth == 0].mean() + 0.2
+
+    # the gate reads the geometric mean of the image head and the pixel network, for the organ asked about
+    pipeline = CTReasonerPipeline(reloaded)
+    hu, labels = slices[0]
+    organ = ORGANS[int(truth[0].argmax())]
+    prepared = pipeline._prepare(hu)
+    features = pipeline._features(prepared.key, prepared.image)
+    generation = pipeline._generate(prepared.image, [(f"Segment the {organ.name}.", None)])
+    with torch.no_grad():
+        image_head = torch.sigmoid(reloaded.image_presence_head(features.image_embeddings.float()))[0, organ.label - 1]
+    pixels = probabilities[0, organ.label - 1]
+    monkeypatch.setattr(pipeline, "_routes", lambda generation: True)
+    monkeypatch.setattr("CTReasonerLib.model.inference._checked_organ", lambda text, query, routed: organ.key)
+    with torch.no_grad():
+        presence, checked = pipeline._presence(generation, prepared, features, "q", routed=True)
+    assert checked == organ.key
+    assert presence == pytest.approx(float((image_head * pixels).sqrt()), rel=1e-4)

@@ -1,13 +1,16 @@
-"""``ctreasoner fit-presence MODEL DATASET --out DIR``: fit the image presence head, write a new model folder.
+"""``ctreasoner fit-presence MODEL DATASET --out DIR``: fit a presence head, write a new model folder.
 
-The head reads the segmenter's frozen image embedding and says which organs are on a slice; the model's
-presence gate then overrules answers that route to an organ the head rules out (``presence_from``,
-``presence_gate`` in the model config, docs/model.md). Only the head changes: the input folder stays as
-it was, and the output is a complete model folder.
+``--head image`` (default) fits the head on the segmenter's frozen image embedding; ``--head pixels`` fits
+the pixel-level presence network, which labels the slice's pixels itself (``model/pixel_presence.py``).
+Either says which organs are on a slice; the model's presence gate then overrules answers that route to
+an organ the heads named by ``presence_from`` rule out (``presence_gate`` in the model config,
+docs/model.md). Only the fitted head changes: the input folder stays as it was, and the output is a
+complete model folder.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -15,7 +18,12 @@ from pathlib import Path
 from ..errors import ConfigError
 from . import require_new_output_folder
 
-FIT_INFO_FILE = "presence_fit.json"
+HEADS = ("image", "pixels")
+#: what each fit writes next to the weights (settings, losses, data)
+FIT_INFO_FILES = {"image": "presence_fit.json", "pixels": "pixel_presence_fit.json"}
+#: optimiser defaults per head: the image head fits on cached embeddings, the pixel network on images
+FIT_DEFAULTS = {"image": {"epochs": 12, "batch_size": 64, "lr": 2e-3},
+                "pixels": {"epochs": 8, "batch_size": 16, "lr": 3e-3}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,15 +33,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train", choices=("train", "val", "test"), help="slices to fit on (default train)")
     parser.add_argument("--heldout-split", choices=("train", "val", "test"),
                         help="also report the head's BCE on this split (default: val when it has slices)")
-    parser.add_argument("--presence-from", default="image", choices=("image", "both"),
-                        help="what the gate reads afterwards: the image head, or the geometric mean with the LVLM head")
+    parser.add_argument("--head", default="image", choices=HEADS,
+                        help="image: the head on the segmenter's image embedding; pixels: the pixel-level network")
+    parser.add_argument("--presence-from", metavar="SOURCES",
+                        help="what the gate reads afterwards: lvlm, image, pixels, or several joined by '+' "
+                             "(geometric mean), e.g. image+pixels (default: the fitted head)")
     parser.add_argument("--gate", type=float, metavar="P",
                         help="the presence gate to write (default: keep the model's; 0.2 when it has none)")
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--epochs", type=int, help="default 12 (image), 8 (pixels)")
+    parser.add_argument("--batch-size", type=int, help="default 64 (image), 16 (pixels)")
+    parser.add_argument("--lr", type=float, help="default 2e-3 (image), 3e-3 (pixels)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-slices", type=int, metavar="N", help="fit on at most N slices (memory: about 0.5 MB each)")
+    parser.add_argument("--pixel-size", type=int, default=128, metavar="S",
+                        help="--head pixels: the side the network sees, a multiple of 16 (default 128)")
+    parser.add_argument("--pixel-features", type=int, nargs=6, metavar="C", default=[8, 16, 32, 64, 128, 8],
+                        help="--head pixels: BasicUNet channels, five encoder levels and the last decoder level")
+    parser.add_argument("--pixel-top-k", type=int, default=4, metavar="K",
+                        help="--head pixels: an organ's presence is the mean of its K most probable pixels (default 4)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="weights dtype of the output (default: the input folder's)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
@@ -43,21 +60,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     fit = fit_presence_folder(args)
-    print(f"presence head fitted on {fit.train_slices} slices (BCE {fit.history[0]:.4f} -> {fit.history[-1]:.4f}"
-          + (f"; held-out {fit.heldout_slices} slices: BCE {fit.heldout_bce:.4f}" if fit.heldout_bce is not None else "")
+    print(f"{args.head} presence head fitted on {fit.train_slices} slices (loss {fit.history[0]:.4f} -> {fit.history[-1]:.4f}"
+          + (f"; held-out {fit.heldout_slices} slices: presence BCE {fit.heldout_bce:.4f}" if fit.heldout_bce is not None else "")
           + f"); model written to {args.out}")
     return 0
 
 
 def fit_presence_folder(args):
-    """Load MODEL, fit its image presence head on DATASET, save the whole model to ``args.out``."""
+    """Load MODEL, fit the presence head ``args.head`` on DATASET, save the whole model to ``args.out``."""
     from dataclasses import replace
 
     import torch
 
     from ..data.dataset import load_dataset_info
+    from ..model.config import presence_sources
     from ..model.ctreasoner import CTReasonerModel, PERCEPTION_WEIGHTS
     from ..model.device import select_dtype
+    from ..model.pixel_presence import PixelPresenceConfig
+    from ..train.pixel_presence_fit import fit_pixel_presence
     from ..train.presence_fit import PresenceFitSettings, fit_image_presence
 
     out = Path(args.out)
@@ -67,25 +87,39 @@ def fit_presence_folder(args):
                           "pass a folder written by ctreasoner merge, or Resources/Models/CTReasoner-Tiny")
     if args.gate is not None and not 0.0 <= args.gate <= 1.0:
         raise ConfigError(f"--gate must be a probability in [0, 1], got {args.gate}")
+    presence_from = args.presence_from or args.head
+    sources = presence_sources(presence_from)
+    pixel_config = PixelPresenceConfig(image_size=args.pixel_size, features=tuple(args.pixel_features),
+                                       top_k=args.pixel_top_k).validate()
     load_dataset_info(args.dataset)
-    settings = PresenceFitSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                   max_slices=args.max_slices).validate()
+    defaults = FIT_DEFAULTS[args.head]
+    settings = PresenceFitSettings(**{name: getattr(args, name) if getattr(args, name) is not None else value
+                                      for name, value in defaults.items()},
+                                   seed=args.seed, max_slices=args.max_slices).validate()
     device = None if args.device == "auto" else args.device
     model = CTReasonerModel.from_pretrained(args.model, device=device)
+    if "pixels" in sources and args.head != "pixels" and model.pixel_presence_net is None:
+        raise ConfigError(f"--presence-from {presence_from} reads a pixel presence network, and {args.model} has none",
+                          "fit one first (--head pixels), or leave 'pixels' out")
     heldout = args.heldout_split or ("val" if args.split != "val" else None)
-    fit = fit_image_presence(model, args.dataset, args.split, heldout, settings, progress=not args.no_progress)
+    if args.head == "pixels":
+        fit = fit_pixel_presence(model, args.dataset, args.split, heldout, settings, config=pixel_config,
+                                 progress=not args.no_progress)
+    else:
+        fit = fit_image_presence(model, args.dataset, args.split, heldout, settings, progress=not args.no_progress)
     gate = args.gate if args.gate is not None else (model.config.presence_gate if model.config.presence_gate is not None else 0.2)
-    # loss.presence > 0 keeps the head training in later fine-tunes (and is what a gate needs).
+    # loss.presence > 0 keeps the image head training in later fine-tunes (and is what a gate needs).
     loss = replace(model.config.loss, presence=model.config.loss.presence or 1.0)
-    model.config = replace(model.config, presence_from=args.presence_from, presence_gate=gate, loss=loss).validate()
+    model.config = replace(model.config, presence_from=presence_from, presence_gate=gate, loss=loss).validate()
     dtype = select_dtype(torch.device("cpu"), args.dtype) if args.dtype else _stored_dtype(Path(args.model) / PERCEPTION_WEIGHTS)
     model.to("cpu", dtype)
     model.save_pretrained(str(out))
-    (out / FIT_INFO_FILE).write_text(json.dumps(
-        {"fitted_from": str(Path(args.model).resolve()), "dataset": str(Path(args.dataset).resolve()),
-         "split": args.split, "slices": fit.train_slices, "bce_per_epoch": fit.history,
-         "heldout_split": heldout if fit.heldout_bce is not None else None, "heldout_bce": fit.heldout_bce,
-         "settings": vars(settings), "presence_from": args.presence_from, "presence_gate": gate}, indent=2))
+    (out / FIT_INFO_FILES[args.head]).write_text(json.dumps(
+        {"head": args.head, "fitted_from": str(Path(args.model).resolve()), "dataset": str(Path(args.dataset).resolve()),
+         "split": args.split, "slices": fit.train_slices, "loss_per_epoch": fit.history,
+         "heldout_split": heldout if fit.heldout_bce is not None else None, "heldout_presence_bce": fit.heldout_bce,
+         "settings": vars(settings), "presence_from": presence_from, "presence_gate": gate,
+         **({"pixel_presence": dataclasses.asdict(pixel_config)} if args.head == "pixels" else {})}, indent=2))
     return fit
 
 

@@ -84,7 +84,7 @@ def render_report(summary: Dict[str, Any], title: str = "CTReasoner evaluation")
               f"AP at IoU {settings['iou_threshold']:g} over every box scoring >= {settings.get('ap_score_floor', 0.0):g}; "
               f"masks thresholded at {settings['mask_threshold']:g}; boxes: `{summary.get('box_source', 'detection')}`"
               + (f"; presence gate {_gate(run['presence_gate'])}" if "presence_gate" in run else "")
-              + (f" on the `{run['presence_from']}` presence head" if run.get("presence_gate") is not None
+              + (f" on presence from `{run['presence_from']}`" if run.get("presence_gate") is not None
                  and "presence_from" in run else "")
               + (f"; presence rescue {run['presence_rescue']:g}" if run.get("presence_rescue") is not None else "")
               + (f"; closer look keeps the `{run['closer_look_keep']}` round" if "closer_look_keep" in run else ""),

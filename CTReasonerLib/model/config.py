@@ -15,14 +15,27 @@ from typing import Any, Dict, Optional, Tuple
 
 from CTReasonerLib.errors import ConfigError, InputFileError
 from CTReasonerLib.model.detection.head import DetectionHeadConfig
+from CTReasonerLib.model.pixel_presence import PixelPresenceConfig
 from CTReasonerLib.model.segmenter.base import SegmenterConfig
 
 CONFIG_NAME = "ctreasoner_config.json"
 LVLM_BACKBONES = ("qwen2_5_vl", "janus")
 LVLM_TRAINABLE = ("full", "lora", "frozen")
 CLOSER_LOOK_KEEP = ("last", "better")
-#: where the presence gate reads organ presence (CTReasonerConfig.presence_from)
-PRESENCE_FROM = ("lvlm", "image", "both")
+#: where the presence gate can read organ presence; CTReasonerConfig.presence_from joins one or more with "+"
+PRESENCE_SOURCES = ("lvlm", "image", "pixels")
+#: older spelling of "lvlm+image", still read from saved folders
+_PRESENCE_ALIASES = {"both": "lvlm+image"}
+
+
+def presence_sources(presence_from: str) -> Tuple[str, ...]:
+    """``presence_from`` -> the sources it names, e.g. "image+pixels" -> ("image", "pixels"). Raises
+    ``ConfigError`` for an unknown or repeated source."""
+    names = tuple(_PRESENCE_ALIASES.get(presence_from, presence_from).split("+")) if isinstance(presence_from, str) else ()
+    if not names or any(name not in PRESENCE_SOURCES for name in names) or len(set(names)) != len(names):
+        raise ConfigError(f"presence_from must name one or more of {PRESENCE_SOURCES} joined by '+' "
+                          f"(e.g. 'image+pixels'), got {presence_from!r}")
+    return names
 
 
 @dataclass
@@ -136,9 +149,13 @@ class CTReasonerConfig:
     #: gives a probability below this is answered "not visible" instead (``ChatResult.presence_overruled``).
     #: Needs a presence head trained with ``loss.presence > 0``. None = the LVLM's answer stands (the paper).
     presence_gate: Optional[float] = None
-    #: which presence head the gate reads: "lvlm" (the LVLM's image-token states), "image" (the segmenter's
-    #: image embedding; ``ctreasoner fit-presence`` trains it on frozen features) or "both" (their geometric mean).
+    #: which presence heads the gate reads: "lvlm" (the LVLM's image-token states), "image" (the segmenter's
+    #: image embedding; ``ctreasoner fit-presence`` trains it on frozen features), "pixels" (``pixel_presence``'s
+    #: network, ``fit-presence --head pixels``), or several joined by "+" (the geometric mean of their
+    #: probabilities, e.g. "image+pixels"); "both" is the older name of "lvlm+image".
     presence_from: str = "lvlm"
+    #: the pixel-level presence network (``model/pixel_presence.py``); None = the model has none.
+    pixel_presence: Optional[PixelPresenceConfig] = None
     #: inference: when set, an answer that the organ is not visible is decoded again, forced to start with
     #: ``visible_answer_prefix``, when the presence head gives that organ at least this probability; the model
     #: then writes its own description and routing token (``ChatResult.presence_rescued``). Must be >=
@@ -174,8 +191,17 @@ class CTReasonerConfig:
             problems.append(f"closer_look.keep must be one of {CLOSER_LOOK_KEEP}, got {self.closer_look.keep!r}")
         if self.loss.lm_decision_span < 1:
             problems.append(f"loss.lm_decision_span must be >= 1, got {self.loss.lm_decision_span}")
-        if self.presence_from not in PRESENCE_FROM:
-            problems.append(f"presence_from must be one of {PRESENCE_FROM}, got {self.presence_from!r}")
+        try:
+            if "pixels" in presence_sources(self.presence_from) and self.pixel_presence is None:
+                problems.append("presence_from reads 'pixels' but the model has no pixel_presence network "
+                                "(ctreasoner fit-presence --head pixels adds one)")
+        except ConfigError as error:
+            problems.append(error.message)
+        if self.pixel_presence is not None:
+            try:
+                self.pixel_presence.validate()
+            except ConfigError as error:
+                problems.append(error.message.removeprefix("invalid model config: "))
         for name in ("presence_gate", "presence_rescue"):
             value = getattr(self, name)
             if value is None:
@@ -238,6 +264,10 @@ class CTReasonerConfig:
             return cls.from_dict(json.load(handle))
 
 
+#: config sections that may be absent (None): a mapping given for one starts from its defaults
+_OPTIONAL_SECTIONS = {"pixel_presence": PixelPresenceConfig}
+
+
 def _merge(instance, data: Dict[str, Any], prefix: str):
     """Copy of dataclass ``instance`` with the (possibly partial, nested) mapping ``data`` applied."""
     known = {f.name: f for f in dataclasses.fields(instance)}
@@ -248,6 +278,8 @@ def _merge(instance, data: Dict[str, Any], prefix: str):
     values = {}
     for name, value in data.items():
         current = getattr(instance, name)
+        if current is None and name in _OPTIONAL_SECTIONS and value is not None:
+            current = _OPTIONAL_SECTIONS[name]()
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"model config section {prefix + name} must be a mapping")

@@ -27,10 +27,11 @@ from CTReasonerLib.errors import InputFileError
 from CTReasonerLib.model.auxiliary import (DenseOrganHead, ImagePresenceHead, PresenceHead, dense_organ_loss, organ_label_channels,
                                            organ_presence, presence_loss)
 from CTReasonerLib.model.closer_look import crop_and_resize, roi_from_mask
-from CTReasonerLib.model.config import CTReasonerConfig
+from CTReasonerLib.model.config import CTReasonerConfig, presence_sources
 from CTReasonerLib.model.detection import DetectionHead, HungarianMatcher
 from CTReasonerLib.model.image_processing import ResizeToSquare, slice_to_channels
 from CTReasonerLib.model.lvlm import Conversation, LVLMAdapter, LVLMBatch, build_lvlm, load_lvlm
+from CTReasonerLib.model.pixel_presence import build_pixel_presence
 from CTReasonerLib.model.projector import build_projector
 from CTReasonerLib.model.routing import ROUTING_TOKENS
 from CTReasonerLib.organs import NUM_ORGANS
@@ -111,6 +112,8 @@ class CTReasonerModel(nn.Module):
         self.dense_head = DenseOrganHead(segmenter.prompt_dim)
         self.presence_head = PresenceHead(lvlm.hidden_size)
         self.image_presence_head = ImagePresenceHead(segmenter.prompt_dim)
+        # fitted on its own (ctreasoner fit-presence --head pixels) and frozen here
+        self.pixel_presence_net = build_pixel_presence(config.pixel_presence) if config.pixel_presence else None
         self.matcher = HungarianMatcher()
 
     # ---- construction and persistence --------------------------------------------------------
@@ -323,13 +326,13 @@ class CTReasonerModel(nn.Module):
 
     def _presence_loss(self, hidden: torch.Tensor, features, batch: TrainingBatch) -> torch.Tensor:
         """BCE of the presence heads ``config.presence_from`` names; an unused head gets a connected zero."""
-        source = self.config.presence_from
-        if source in ("lvlm", "both"):
+        sources = presence_sources(self.config.presence_from)
+        if "lvlm" in sources:
             image_tokens = batch.lvlm.input_ids == self.lvlm.image_token_id
             lvlm = presence_loss(self.presence_head(hidden, image_tokens), batch.presence_targets, batch.presence_valid)
         else:
             lvlm = _idle_head_loss(self.presence_head)
-        if source in ("image", "both"):
+        if "image" in sources:
             logits = self.image_presence_head(features.image_embeddings[batch.sequence_image])
             image = presence_loss(logits, batch.presence_targets, batch.presence_valid)
         else:

@@ -34,6 +34,7 @@ from CTReasonerLib.model.detection import postprocess_detections
 from CTReasonerLib.model.detection.head import BOX_SOURCES
 from CTReasonerLib.model.detection.box_fusion import fuse_boxes, mask_to_boxes
 from CTReasonerLib.model.image_processing import ResizeToSquare
+from CTReasonerLib.model.config import presence_sources
 from CTReasonerLib.model.lvlm import Conversation, LVLMBatch
 from CTReasonerLib.model.query import (is_closer_request, normalize_query, resolve_organ, says_not_visible,
                                        split_compound_query)
@@ -177,7 +178,8 @@ class CTReasonerPipeline:
         with _timed(timings, "generate"):
             generation = self._generate(prepared.image, turns)
         routed = self._routes(generation)
-        presence, checked_organ = self._presence(generation, features, round1_query, routed)
+        with _timed(timings, "presence"):
+            presence, checked_organ = self._presence(generation, prepared, features, round1_query, routed)
         gate, rescue = self.config.presence_gate, self.config.presence_rescue
         overruled = routed and presence is not None and gate is not None and presence < gate
         rescued, prefix = False, ()
@@ -246,13 +248,14 @@ class CTReasonerPipeline:
         ids = self.model.lvlm.routing_token_ids
         return bool({int(ids[SEG_TOKEN]), int(ids[DET_TOKEN])} & {int(i) for i in generation.new_ids})
 
-    def _presence(self, generation, features, query: str, routed: bool) -> Tuple[Optional[float], Optional[str]]:
+    def _presence(self, generation, prepared: _Slice, features, query: str, routed: bool) -> Tuple[Optional[float], Optional[str]]:
         """(probability, organ key) of the organ a presence check reads, when one applies: a [SEG]/[DET]
         answer under ``presence_gate`` (the organ the answer is about), or a "not visible" answer under
         ``presence_rescue`` (the organ the question asks about; see ``_checked_organ``). (None, None)
         otherwise, or when no organ is named.
-        ``presence_from`` picks the head: the LVLM's last-layer states at the prompt's image tokens
-        (generation step 0), the segmenter's image embedding, or the geometric mean of both. ``routed``:
+        ``presence_from`` names the heads: the LVLM's last-layer states at the prompt's image tokens
+        (generation step 0), the segmenter's image embedding, the pixel-level network on the model-frame
+        image; with several, the geometric mean of their probabilities. ``routed``:
         ``self._routes(generation)``, which the caller has already worked out."""
         lvlm = self.model.lvlm
         text = lvlm.decode(generation.new_ids)
@@ -263,12 +266,16 @@ class CTReasonerPipeline:
             return None, None
         index = get_organ(organ).label - 1
         probabilities = []
-        if self.config.presence_from in ("lvlm", "both"):
-            hidden = generation.step_hidden_states[0][-1]
-            image_tokens = (generation.prompt.input_ids == lvlm.image_token_id).to(hidden.device)
-            probabilities.append(torch.sigmoid(self.model.presence_head(hidden.float(), image_tokens)[0, index]))
-        if self.config.presence_from in ("image", "both"):
-            probabilities.append(torch.sigmoid(self.model.image_presence_head(features.image_embeddings.float())[0, index]))
+        for source in presence_sources(self.config.presence_from):
+            if source == "lvlm":
+                hidden = generation.step_hidden_states[0][-1]
+                image_tokens = (generation.prompt.input_ids == lvlm.image_token_id).to(hidden.device)
+                probabilities.append(torch.sigmoid(self.model.presence_head(hidden.float(), image_tokens)[0, index]))
+            elif source == "image":
+                probabilities.append(torch.sigmoid(self.model.image_presence_head(features.image_embeddings.float())[0, index]))
+            else:
+                image = prepared.image[None].to(self.model.device)
+                probabilities.append(self.model.pixel_presence_net.presence(image)[0, index])
         return float(torch.stack(probabilities).prod() ** (1.0 / len(probabilities))), organ
 
     def _generate(self, image: torch.Tensor, turns: List[Tuple[str, Optional[str]]], answer_prefix: Sequence[int] = ()):
