@@ -198,10 +198,7 @@ class CTReasonerConfig:
         except ConfigError as error:
             problems.append(error.message)
         if self.pixel_presence is not None:
-            try:
-                self.pixel_presence.validate()
-            except ConfigError as error:
-                problems.append(error.message.removeprefix("invalid model config: "))
+            problems += self.pixel_presence.problems()
         for name in ("presence_gate", "presence_rescue"):
             value = getattr(self, name)
             if value is None:

@@ -49,11 +49,13 @@ _OUTSIDE_LOGIT = -20.0
 
 @dataclass
 class _Slice:
-    """One prepared image: segmenter/LVLM input (3, S, S), its transform, windowed channels, cache key."""
+    """One prepared image: segmenter/LVLM input (3, S, S), its transform, windowed channels, cache key, and
+    the pixel presence network's (NUM_ORGANS,) probabilities once a presence check has needed them."""
     image: torch.Tensor
     transform: ResizeToSquare
     channels: torch.Tensor
     key: str
+    pixel_presence: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -274,8 +276,10 @@ class CTReasonerPipeline:
             elif source == "image":
                 probabilities.append(torch.sigmoid(self.model.image_presence_head(features.image_embeddings.float())[0, index]))
             else:
-                image = prepared.image[None].to(self.model.device)
-                probabilities.append(self.model.pixel_presence_net.presence(image)[0, index])
+                if prepared.pixel_presence is None:   # once per image, however many questions a turn holds
+                    image = prepared.image[None].to(self.model.device)
+                    prepared.pixel_presence = self.model.pixel_presence_net.presence(image)[0]
+                probabilities.append(prepared.pixel_presence[index])
         return float(torch.stack(probabilities).prod() ** (1.0 / len(probabilities))), organ
 
     def _generate(self, image: torch.Tensor, turns: List[Tuple[str, Optional[str]]], answer_prefix: Sequence[int] = ()):

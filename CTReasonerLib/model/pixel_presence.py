@@ -16,7 +16,7 @@ It runs on the model-frame image (the segmenter's input, (B, 3, S, S) in [0, 1])
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,8 @@ class PixelPresenceConfig:
     def __post_init__(self):
         self.features = tuple(int(value) for value in self.features)
 
-    def validate(self) -> "PixelPresenceConfig":
+    def problems(self) -> List[str]:
+        """What is wrong with these settings (empty when nothing is)."""
         problems = []
         if self.image_size < 16 or self.image_size % 16:
             problems.append(f"pixel_presence.image_size must be a multiple of 16 (four 2x poolings), got {self.image_size}")
@@ -47,6 +48,10 @@ class PixelPresenceConfig:
             problems.append(f"pixel_presence.features must be 6 positive channel counts, got {list(self.features)}")
         if self.top_k < 1:
             problems.append(f"pixel_presence.top_k must be >= 1, got {self.top_k}")
+        return problems
+
+    def validate(self) -> "PixelPresenceConfig":
+        problems = self.problems()
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems), "fix the pixel_presence section")
         return self
