@@ -6,8 +6,8 @@
 * Each item writes ``OUT/<name>/`` (the ``chat`` outputs) and, last, a done marker recording the request.
   A later run skips items whose marker matches the request and whose files all exist; anything else is redone.
 * A volume that fails is logged (``OUT/failures.log`` and ``OUT/<name>/error.txt``) and the batch goes on.
-* Under ``torchrun`` (RANK/WORLD_SIZE) rank r takes items r, r + W, ...; every rank gathers its records to
-  rank 0 over a gloo group (CPU objects only, also on CUDA runs), which writes ``summary.csv`` and ``summary.md``.
+* Under ``torchrun`` (RANK/WORLD_SIZE) rank r takes items r, r + W, ...; every rank hands its records to
+  rank 0 through torchrun's rendezvous store, and rank 0 writes ``summary.csv`` and ``summary.md``.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ FAILURE_LOG = "failures.log"
 ERROR_FILE = "error.txt"
 SUMMARY_FIELDS = ("name", "status", "slices", "segments", "boxes", "seconds", "rank", "source", "folder", "error")
 _PATH_COLUMNS = ("path", "volume", "image", "input", "file")
-# Ranks wait for the slowest one at the final gather; a batch may take days.
+# Rank 0 waits for the slowest rank's records; a batch may take days.
 _GATHER_TIMEOUT = timedelta(days=7)
 
 
@@ -260,6 +260,26 @@ def write_summary(records: Sequence[ItemRecord], out_dir: Path):
     return csv_path, md_path
 
 
+def _gather_to_rank0(value, rank: int, world_size: int) -> Optional[list]:
+    """Every rank's ``value`` on rank 0 (in rank order; None elsewhere), through torchrun's rendezvous store.
+
+    A key-value store rather than a gloo process group: there is no collective to tear down, so a rank that
+    finishes first simply exits (a gloo group's worker threads could abort a process at exit).
+    """
+    import pickle
+
+    import torch.distributed as dist
+
+    store, _, _ = next(dist.rendezvous("env://", timeout=_GATHER_TIMEOUT))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")   # an elastic restart must not read old records
+    keys = [f"ctreasoner-batch/{attempt}/{r}" for r in range(world_size)]
+    store.set(keys[rank], pickle.dumps(value))
+    if rank != 0:
+        return None
+    store.wait(keys, _GATHER_TIMEOUT)
+    return [pickle.loads(store.get(key)) for key in keys]
+
+
 def run_batch(items: Sequence[BatchItem], load_pipeline: Callable[[], object], request: BatchRequest, out_dir: Path,
               progress: bool = True) -> BatchOutcome:
     """Run the batch in this process, or this rank's share under torchrun; rank 0 writes the summary."""
@@ -269,17 +289,12 @@ def run_batch(items: Sequence[BatchItem], load_pipeline: Callable[[], object], r
     if world_size <= 1:
         records = run_items(items, load_pipeline, request, out_dir, progress=progress)
         return BatchOutcome(records, *write_summary(records, out_dir))
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="gloo", timeout=_GATHER_TIMEOUT)
     records, fatal = [], None
     try:
         records = run_items(shard(items, rank, world_size), load_pipeline, request, out_dir, rank, progress)
-    except CTReasonerError as exc:   # e.g. the model cannot load: still join the gather so no rank hangs
+    except CTReasonerError as exc:   # e.g. the model cannot load: still report, so rank 0 does not wait for ever
         fatal = exc
-    gathered = [None] * world_size if rank == 0 else None
-    dist.gather_object((records, fatal.message if fatal else None), gathered, dst=0)
+    gathered = _gather_to_rank0((records, fatal.message if fatal else None), rank, world_size)
     outcome = BatchOutcome(records)
     if rank == 0:
         outcome.records = [record for rank_records, _ in gathered for record in rank_records]
@@ -287,7 +302,6 @@ def run_batch(items: Sequence[BatchItem], load_pipeline: Callable[[], object], r
         errors = [error for _, error in gathered if error]
         if errors and fatal is None:
             fatal = CTReasonerError(f"another rank stopped: {errors[0]}")
-    dist.destroy_process_group()
     if fatal is not None:
         raise fatal
     return outcome

@@ -58,7 +58,9 @@ def rank_device(device: torch.device, context: DistributedContext) -> torch.devi
 
 
 def shutdown_distributed(context: DistributedContext) -> None:
+    """Leave the group together: no rank tears down its connections while another still uses them."""
     if context.is_distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
