@@ -43,3 +43,32 @@ class ForceTokens:
             scores[:] = float("-inf")
             scores[:, self.ids[step]] = 0.0
         return scores
+
+
+def script(pipeline, monkeypatch, *answers):
+    """Make the next generate() calls produce ``answers`` (text with routing tokens; None = free decoding).
+    Returns the list of the ``answer_prefix`` texts those calls get, filled as they run."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    lvlm = pipeline.model.lvlm
+    original = lvlm.generate
+    queue = list(answers)
+    prefixes = []
+
+    def generate(prompt, max_new_tokens=64, logits_processor=None, answer_prefix=()):
+        answer = queue.pop(0) if queue else None
+        prefixes.append(lvlm.decode(torch.tensor(list(answer_prefix), dtype=torch.long)))
+        if answer is None:
+            return original(prompt, max_new_tokens=max_new_tokens, logits_processor=logits_processor,
+                            answer_prefix=answer_prefix)
+        ids = []   # a scripted answer continues after a forced answer_prefix
+        for piece in answer.replace("]", "]\0").replace("[", "\0[").split("\0"):
+            ids += [lvlm.routing_token_ids[piece]] if piece in lvlm.routing_token_ids else lvlm.encode_text(piece)
+        ids.append(lvlm.end_of_turn_id)
+        forced = LogitsProcessorList([ForceTokens(prompt.input_ids.shape[1] + len(answer_prefix), ids)])
+        return original(prompt, max_new_tokens=len(answer_prefix) + len(ids), logits_processor=forced,
+                        answer_prefix=answer_prefix)
+
+    monkeypatch.setattr(lvlm, "generate", generate)
+    return prefixes

@@ -235,7 +235,9 @@ def test_evaluate_scores_every_table_and_the_report_renders(tmp_path):
     summary["run"]["closer_look_keep"] = "better"
     report = render_report(summary)
     assert "closer look keeps the `better` round" in report and "`closer_look.keep = better`" in report
-    assert "presence from" not in report
+    assert "presence from" not in report and "pixel network" not in report
+    summary["run"]["pixel_mask_weight"] = 0.35
+    assert "masks blend in the pixel network's organ map at weight 0.35" in render_report(summary)
     summary["run"].update(presence_gate=0.15, presence_from="image")
     assert "presence gate 0.15 on presence from `image`" in render_report(summary)
 

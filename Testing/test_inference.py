@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_lvlm import ForceTokens
+from fixtures_lvlm import script
 from fixtures_model import disc_sample, tiny_model_config
 from CTReasonerLib.errors import CTReasonerError
 from CTReasonerLib.model.query import (find_organs, normalize_query, resolve_organ, says_not_visible,
                                        split_compound_query)
+from CTReasonerLib.organs import get_organ
 from CTReasonerLib.results import ChatResult, MaskPrediction
 
 
@@ -36,34 +37,6 @@ def pipeline(model):
 @pytest.fixture
 def slice_hu():
     return disc_sample("seg", size=90).image_hu[:, :70]  # not square: exercises the padding
-
-
-def script(pipeline, monkeypatch, *answers):
-    """Make the next generate() calls produce ``answers`` (text with routing tokens; None = free decoding).
-    Returns the list of the ``answer_prefix`` texts those calls get, filled as they run."""
-    from transformers import LogitsProcessorList
-
-    lvlm = pipeline.model.lvlm
-    original = lvlm.generate
-    queue = list(answers)
-    prefixes = []
-
-    def generate(prompt, max_new_tokens=64, logits_processor=None, answer_prefix=()):
-        answer = queue.pop(0) if queue else None
-        prefixes.append(lvlm.decode(torch.tensor(list(answer_prefix), dtype=torch.long)))
-        if answer is None:
-            return original(prompt, max_new_tokens=max_new_tokens, logits_processor=logits_processor,
-                            answer_prefix=answer_prefix)
-        ids = []   # a scripted answer continues after a forced answer_prefix
-        for piece in answer.replace("]", "]\0").replace("[", "\0[").split("\0"):
-            ids += [lvlm.routing_token_ids[piece]] if piece in lvlm.routing_token_ids else lvlm.encode_text(piece)
-        ids.append(lvlm.end_of_turn_id)
-        forced = LogitsProcessorList([ForceTokens(prompt.input_ids.shape[1] + len(answer_prefix), ids)])
-        return original(prompt, max_new_tokens=len(answer_prefix) + len(ids), logits_processor=forced,
-                        answer_prefix=answer_prefix)
-
-    monkeypatch.setattr(lvlm, "generate", generate)
-    return prefixes
 
 
 def bright_round_one(pipeline, monkeypatch):
@@ -427,6 +400,87 @@ def test_a_closer_look_the_user_asks_for_always_ends_with_round_two(pipeline, sl
     rate_rounds(pipeline, monkeypatch, 0.9, 0.2)
     result = pipeline.chat(slice_hu, "Have a closer look at the liver.", [("Segment the liver.", "The liver [SEG]")])
     assert result.closer_look.ran and result.closer_look.kept_round == 2 and result.masks[-1].round == 2
+
+
+@pytest.fixture(scope="module")
+def pixel_model():
+    """The tiny model with a (random) pixel network, whose organ map the masks can blend in."""
+    from CTReasonerLib.model.ctreasoner import CTReasonerModel
+    from CTReasonerLib.model.pixel_presence import PixelPresenceConfig
+
+    torch.manual_seed(0)
+    config = tiny_model_config()
+    config.pixel_presence = PixelPresenceConfig(image_size=32, features=(4, 4, 8, 8, 8, 4), top_k=3)
+    return CTReasonerModel.build_tiny(config).eval()
+
+
+def _logit(probability: np.ndarray) -> np.ndarray:
+    probability = probability.astype(np.float64)
+    return np.log(probability / (1.0 - probability))
+
+
+def test_pixel_mask_weight_blends_the_pixel_networks_organ_logit_into_every_shown_mask(pixel_model, slice_hu, monkeypatch):
+    from CTReasonerLib.model.image_processing import mask_to_original
+    from CTReasonerLib.model.inference import CTReasonerPipeline
+
+    pipeline = CTReasonerPipeline(pixel_model, max_new_tokens=6)
+    monkeypatch.setattr(pipeline.config.closer_look, "keep", "last")
+    script(pipeline, monkeypatch, "The spleen is here. [SEG]", "Zooming in. [CLOSER]",
+           "The spleen is here. [SEG]", "Zooming in. [CLOSER]")
+    bright_round_one(pipeline, monkeypatch)
+    plain = pipeline.chat(slice_hu, "Segment the liver.", closer_look=True, return_probabilities=True)
+    monkeypatch.setattr(pipeline.config, "pixel_mask_weight", 0.4)
+    bright_round_one(pipeline, monkeypatch)
+    blended = pipeline.chat(slice_hu, "Segment the liver.", closer_look=True, return_probabilities=True)
+    assert [m.round for m in blended.masks] == [m.round for m in plain.masks] == [1, 2]
+    image, _, _ = pixel_model.slice_input(slice_hu)
+    with torch.no_grad():
+        spleen = pixel_model.pixel_presence_net.probabilities(image[None])[0, get_organ("spleen").label]   # the answer's organ
+    organ_logit = mask_to_original(torch.logit(spleen, eps=1e-6)[None, None], slice_hu.shape)[0].double().numpy()
+    for before, after in zip(plain.masks, blended.masks):
+        expected = 0.6 * _logit(before.probability) + 0.4 * organ_logit
+        moderate = np.abs(expected) < 8     # where float32 probabilities still resolve the logit
+        assert moderate.mean() > 0.5
+        assert np.allclose(_logit(after.probability)[moderate], expected[moderate], atol=2e-3)
+        assert np.array_equal(after.mask, after.probability > 0.5)
+    assert blended.closer_look.roi_xyxy.tolist() == plain.closer_look.roi_xyxy.tolist()   # round 1's own mask
+
+
+def test_pixel_mask_weight_leaves_clicks_and_unnamed_organs_to_the_segmenter(pixel_model, slice_hu, monkeypatch):
+    from CTReasonerLib.model.inference import CTReasonerPipeline
+
+    pipeline = CTReasonerPipeline(pixel_model, max_new_tokens=6)
+    clicks = dict(points=np.array([[30.0, 40.0]]), labels=np.array([1]), organ="liver")
+    plain = pipeline.refine(slice_hu, **clicks)
+    script(pipeline, monkeypatch, "Here it is. [SEG]", "Here it is. [SEG]")
+    unnamed = pipeline.chat(slice_hu, "Segment this.", closer_look=False, return_probabilities=True)
+    monkeypatch.setattr(pipeline.config, "pixel_mask_weight", 0.4)
+    assert np.array_equal(pipeline.refine(slice_hu, **clicks).probability, plain.probability)
+    still = pipeline.chat(slice_hu, "Segment this.", closer_look=False, return_probabilities=True)
+    assert unnamed.target_organ is None and np.array_equal(still.masks[0].probability, unnamed.masks[0].probability)
+    # a Closer look on a user's own segment: a name outside the model's organs keeps the segmenter's mask
+    region = np.zeros(slice_hu.shape, bool)
+    region[20:50, 15:45] = True
+    closer = pipeline.closer_look(slice_hu, mask=region, organ="tumour")
+    monkeypatch.setattr(pipeline.config, "pixel_mask_weight", None)
+    assert np.array_equal(pipeline.closer_look(slice_hu, mask=region, organ="tumour").masks[0].probability,
+                          closer.masks[0].probability)
+    plain_liver = pipeline.closer_look(slice_hu, mask=region, organ="liver").masks[0].probability
+    monkeypatch.setattr(pipeline.config, "pixel_mask_weight", 0.4)
+    assert not np.array_equal(pipeline.closer_look(slice_hu, mask=region, organ="liver").masks[0].probability, plain_liver)
+
+
+def test_pixel_mask_weight_is_checked():
+    from CTReasonerLib.errors import ConfigError
+    from CTReasonerLib.model.config import CTReasonerConfig
+
+    with pytest.raises(ConfigError, match=r"pixel_mask_weight needs the model's pixel_presence network"):
+        CTReasonerConfig.from_dict({"pixel_mask_weight": 0.3})
+    for wrong in (1.0, -0.1, "half", True):
+        with pytest.raises(ConfigError, match=r"pixel_mask_weight must be a weight in \[0, 1\)"):
+            CTReasonerConfig.from_dict({"pixel_mask_weight": wrong, "pixel_presence": {}})
+    assert CTReasonerConfig.from_dict({"pixel_mask_weight": 0.3, "pixel_presence": {}}).pixel_mask_weight == 0.3
+    assert CTReasonerConfig().pixel_mask_weight is None   # folders saved before it show the segmenter's mask
 
 
 def test_closer_look_keep_is_checked():

@@ -27,8 +27,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override the model's presence_rescue for this run: a probability in [0, 1] (at least "
                              "the gate), or off; a 'not visible' answer is decoded again as visible when the presence "
                              "head gives the organ at least P")
+    add_runtime_arguments(parser)
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device and --no-progress, as the commands that run a model over a dataset take them."""
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_limit(limit) -> None:
+    from ..errors import ConfigError
+
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {limit}")
 
 
 def run(args) -> int:
@@ -36,8 +48,7 @@ def run(args) -> int:
     from ..errors import ConfigError
     from ..eval.evaluate import EvalSettings, evaluate_model
 
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+    check_limit(args.limit)
     settings = EvalSettings(closer_ablation=not args.no_closer_ablation)
     if args.nsd_tolerance is not None:
         if args.nsd_tolerance <= 0:

@@ -196,6 +196,19 @@ def stratified_subset(records: Sequence[Dict[str, Any]], limit: Optional[int]) -
     return sorted(chosen)
 
 
+def load_samples(dataset_dir: str, split: str = "test", limit: Optional[int] = None) -> Tuple[List, int]:
+    """(samples, records in the split): at most ``limit`` records of a curated dataset's split, spread evenly
+    over organs and tasks (``stratified_subset``). ``split`` "all": every split in order (held-out phantom
+    sets, whose subjects were never trained on)."""
+    from CTReasonerLib.data.dataset import SPLITS, CuratedDataset
+
+    splits = SPLITS if split == "all" else (split,)
+    datasets = [CuratedDataset(dataset_dir, name) for name in splits]
+    records = [(dataset, index) for dataset in datasets for index in range(len(dataset))]
+    indices = stratified_subset([dataset.records[index] for dataset, index in records], limit)
+    return [records[i][0][records[i][1]] for i in indices], len(records)
+
+
 def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_dir: Optional[str] = None,
                    settings: Optional[EvalSettings] = None, limit: Optional[int] = None, device: str = "auto",
                    progress: bool = True, presence_gate: Union[None, float, str] = None,
@@ -205,17 +218,12 @@ def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_di
     ``presence_gate`` and ``presence_rescue`` override the model's settings of those names for this run: a
     probability, or ``GATE_OFF`` (switched off); None keeps the model's.
     """
-    from CTReasonerLib.data.dataset import SPLITS, CuratedDataset
     from CTReasonerLib.model.ctreasoner import CTReasonerModel
     from CTReasonerLib.model.inference import CTReasonerPipeline
 
     from .report import write_report
 
-    # "all": every split in order (held-out phantom sets, whose subjects were never trained on)
-    splits = SPLITS if split == "all" else (split,)
-    datasets = [CuratedDataset(dataset_dir, name) for name in splits]
-    records = [(dataset, index) for dataset in datasets for index in range(len(dataset))]
-    indices = stratified_subset([dataset.records[index] for dataset, index in records], limit)
+    samples, records_in_split = load_samples(dataset_dir, split, limit)
     model = CTReasonerModel.from_pretrained(model_dir, device=device).eval()
     overrides = {name: None if value == GATE_OFF else float(value)
                  for name, value in (("presence_gate", presence_gate), ("presence_rescue", presence_rescue))
@@ -223,13 +231,13 @@ def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_di
     if overrides:
         set_presence(model, **overrides)
     settings = settings or EvalSettings()
-    samples = [records[i][0][records[i][1]] for i in indices]
     summary, outcomes = evaluate(CTReasonerPipeline(model), samples, settings, progress)
     summary["run"] = {"model": str(model_dir), "dataset": str(dataset_dir), "split": split,
                       "presence_gate": model.config.presence_gate, "presence_from": model.config.presence_from,
                       "presence_rescue": model.config.presence_rescue,
                       "closer_look_keep": model.config.closer_look.keep,
-                      "records_in_split": len(records), "records_evaluated": len(indices)}
+                      "pixel_mask_weight": model.config.pixel_mask_weight,
+                      "records_in_split": records_in_split, "records_evaluated": len(samples)}
     paths = write_report(out_dir, summary, [asdict(o) for o in outcomes]) if out_dir else {}
     return summary, paths
 

@@ -87,7 +87,9 @@ def render_report(summary: Dict[str, Any], title: str = "CTReasoner evaluation")
               + (f" on presence from `{run['presence_from']}`" if run.get("presence_gate") is not None
                  and "presence_from" in run else "")
               + (f"; presence rescue {run['presence_rescue']:g}" if run.get("presence_rescue") is not None else "")
-              + (f"; closer look keeps the `{run['closer_look_keep']}` round" if "closer_look_keep" in run else ""),
+              + (f"; closer look keeps the `{run['closer_look_keep']}` round" if "closer_look_keep" in run else "")
+              + (f"; masks blend in the pixel network's organ map at weight {run['pixel_mask_weight']:g}"
+                 if run.get("pixel_mask_weight") is not None else ""),
               f"- Time: {summary['timing']['seconds_total']:.1f} s ({summary['timing']['seconds_per_sample']:.3f} s per record)",
               ""]
 

@@ -156,6 +156,11 @@ class CTReasonerConfig:
     presence_from: str = "lvlm"
     #: the pixel-level presence network (``model/pixel_presence.py``); None = the model has none.
     pixel_presence: Optional[PixelPresenceConfig] = None
+    #: inference: weight w of the pixel network's organ map in the masks a chat answer shows (both rounds of a
+    #: closer look, and the masks fused boxes come from): logits = (1 - w) * segmenter + w * pixel network, a
+    #: weighted product of the two models' odds. None = the segmenter's mask alone (the paper). Needs
+    #: ``pixel_presence``. Clicks and boxes (``refine``) always get the segmenter's own mask.
+    pixel_mask_weight: Optional[float] = None
     #: inference: when set, an answer that the organ is not visible is decoded again, forced to start with
     #: ``visible_answer_prefix``, when the presence head gives that organ at least this probability; the model
     #: then writes its own description and routing token (``ChatResult.presence_rescued``). Must be >=
@@ -199,6 +204,12 @@ class CTReasonerConfig:
             problems.append(error.message)
         if self.pixel_presence is not None:
             problems += self.pixel_presence.problems()
+        if self.pixel_mask_weight is not None:
+            if not _is_probability(self.pixel_mask_weight) or self.pixel_mask_weight == 1:
+                problems.append(f"pixel_mask_weight must be a weight in [0, 1) or null, got {self.pixel_mask_weight!r}")
+            elif self.pixel_presence is None:
+                problems.append("pixel_mask_weight needs the model's pixel_presence network "
+                                "(ctreasoner fit-presence --head pixels adds one)")
         for name in ("presence_gate", "presence_rescue"):
             value = getattr(self, name)
             if value is None:

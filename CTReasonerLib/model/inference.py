@@ -36,6 +36,7 @@ from CTReasonerLib.model.detection.box_fusion import fuse_boxes, mask_to_boxes
 from CTReasonerLib.model.image_processing import ResizeToSquare
 from CTReasonerLib.model.config import presence_sources
 from CTReasonerLib.model.lvlm import Conversation, LVLMBatch
+from CTReasonerLib.model.pixel_presence import blend_mask_logits
 from CTReasonerLib.model.query import (is_closer_request, normalize_query, resolve_organ, says_not_visible,
                                        split_compound_query)
 from CTReasonerLib.model.routing import CLOSER_TOKEN, DET_TOKEN, ROUTING_TOKENS, SEG_TOKEN
@@ -50,12 +51,12 @@ _OUTSIDE_LOGIT = -20.0
 @dataclass
 class _Slice:
     """One prepared image: segmenter/LVLM input (3, S, S), its transform, windowed channels, cache key, and
-    the pixel presence network's (NUM_ORGANS,) probabilities once a presence check has needed them."""
+    the pixel network's (NUM_ORGANS + 1, s, s) class probabilities once a presence check or mask has needed them."""
     image: torch.Tensor
     transform: ResizeToSquare
     channels: torch.Tensor
     key: str
-    pixel_presence: Optional[torch.Tensor] = None
+    pixel_probabilities: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -202,7 +203,8 @@ class CTReasonerPipeline:
         if DET_TOKEN in first.tokens and first.organ and box_source == "fused":
             with _timed(timings, "mask_boxes"):
                 first.boxes = self._fused_boxes(prepared, features, round1_history, first, score_threshold, prefix)
-        masks = [self._mask_prediction(first.organ, logits, score, prepared.transform, 1, probabilities)
+        masks = [self._mask_prediction(first.organ, self._with_pixel_map(prepared, first.organ, logits), score,
+                                       prepared.transform, 1, probabilities)
                  for logits, score in zip(first.mask_logits, first.mask_scores)]
         tokens = list(first.tokens)
         wants_closer = closer_look if closer_look is not None else (CLOSER_TOKEN in first.tokens or closer_query is not None)
@@ -225,7 +227,8 @@ class CTReasonerPipeline:
             if closer_query is None and self._round_one_rated_higher(first, second):
                 info.kept_round = 1
             else:
-                masks += [self._mask_prediction(first.organ, logits, score, prepared.transform, 2, probabilities)
+                masks += [self._mask_prediction(first.organ, self._with_pixel_map(prepared, first.organ, logits), score,
+                                                prepared.transform, 2, probabilities)
                           for logits, score in zip(second.mask_logits, second.mask_scores)]
             first.raw_text = f"{first.raw_text} {second.raw_text}"
         absent = not (set(first.tokens) & {SEG_TOKEN, DET_TOKEN}) and says_not_visible(first.raw_text)
@@ -276,11 +279,48 @@ class CTReasonerPipeline:
             elif source == "image":
                 probabilities.append(torch.sigmoid(self.model.image_presence_head(features.image_embeddings.float())[0, index]))
             else:
-                if prepared.pixel_presence is None:   # once per image, however many questions a turn holds
-                    image = prepared.image[None].to(self.model.device)
-                    prepared.pixel_presence = self.model.pixel_presence_net.presence(image)[0]
-                probabilities.append(prepared.pixel_presence[index])
+                net = self.model.pixel_presence_net
+                probabilities.append(net.presence_from_probabilities(self._pixel_probabilities(prepared)[None])[0, index])
         return float(torch.stack(probabilities).prod() ** (1.0 / len(probabilities))), organ
+
+    def _pixel_probabilities(self, prepared: _Slice) -> torch.Tensor:
+        """The pixel network's (NUM_ORGANS + 1, s, s) map of ``prepared``, computed once per image however
+        many questions and masks a turn holds."""
+        if prepared.pixel_probabilities is None:
+            image = prepared.image[None].to(self.model.device)
+            prepared.pixel_probabilities = self.model.pixel_presence_net.probabilities(image)[0]
+        return prepared.pixel_probabilities
+
+    def _pixel_organ_logits(self, prepared: _Slice, organ: str) -> torch.Tensor:
+        """(H, W) logits of the pixel network for ``organ`` on the slice."""
+        probability = self._pixel_probabilities(prepared)[get_organ(organ).label].float()
+        # eps bounds the network's say where it is certain (|logit| <= 13.8)
+        return prepared.transform.mask_to_original(torch.logit(probability, eps=1e-6)[None, None])[0]
+
+    def _with_pixel_map(self, prepared: _Slice, organ: Optional[str], logits: torch.Tensor) -> torch.Tensor:
+        """(H, W) mask logits blended with the pixel network's for ``organ`` (``pixel_mask_weight``); unchanged
+        without the setting or an organ of the model's (a Closer look on a user's own segment may name anything)."""
+        weight = self.config.pixel_mask_weight
+        if weight is None or organ is None or self.model.pixel_presence_net is None:
+            return logits
+        try:
+            key = get_organ(organ).key
+        except KeyError:
+            return logits
+        return blend_mask_logits(logits, self._pixel_organ_logits(prepared, key).to(logits), weight)
+
+    @_inference
+    def pixel_organ_logits(self, image_hu, organ: str) -> np.ndarray:
+        """(H, W) float32 logits of the model's pixel network for ``organ`` on a slice (what
+        ``pixel_mask_weight`` blends into masks). Raises when the model has no pixel network."""
+        if self.model.pixel_presence_net is None:
+            raise CTReasonerError("this model has no pixel network",
+                                  "add one with `ctreasoner fit-presence MODEL DATASET --head pixels`")
+        try:
+            key = get_organ(organ).key
+        except KeyError as error:
+            raise CTReasonerError(error.args[0], "name one of the organs listed") from None
+        return self._pixel_organ_logits(self._prepare(image_hu), key).cpu().numpy()
 
     def _generate(self, image: torch.Tensor, turns: List[Tuple[str, Optional[str]]], answer_prefix: Sequence[int] = ()):
         lvlm = self.model.lvlm
@@ -324,7 +364,8 @@ class CTReasonerPipeline:
         if not segmented.mask_logits:
             return located.boxes
         closer, _ = self._closer_round(prepared, segmented, question, self.config.closer_look.query.format(name=name))
-        probability = torch.sigmoid((closer.mask_logits or segmented.mask_logits)[0].float()).cpu().numpy()
+        logits = self._with_pixel_map(prepared, located.organ, (closer.mask_logits or segmented.mask_logits)[0].float())
+        probability = torch.sigmoid(logits).cpu().numpy()
         from_mask = mask_to_boxes(probability, 0.5, "max_prob")
         weight = detection.fusion_detection_weight
         order = fuse_boxes(from_mask, [(b.xyxy, b.score) for b in located.boxes], weight, detection.fusion_iou)
@@ -465,7 +506,8 @@ class CTReasonerPipeline:
             first = _Round(f"The {name} {SEG_TOKEN}", [SEG_TOKEN], organ, [background], [1.0])
             with _timed(timings, "closer_look"):
                 second, info = self._closer_round(prepared, first, f"Segment the {name}.", question, roi)
-            masks = [self._mask_prediction(organ, logits, score, prepared.transform, 2, True)
+            masks = [self._mask_prediction(organ, self._with_pixel_map(prepared, organ, logits), score,
+                                           prepared.transform, 2, True)
                      for logits, score in zip(second.mask_logits, second.mask_scores)]
         return ChatResult(text=_strip_routing(second.raw_text), raw_text=second.raw_text, routing_tokens=second.tokens,
                           target_organ=organ, masks=masks, closer_look=info, timings_ms=timings)

@@ -80,11 +80,19 @@ class PixelPresenceNet(nn.Module):
         weight = self.unet.final_conv.weight
         return self.unet(self.resize(images.to(weight.dtype)))
 
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, NUM_ORGANS + 1, s, s) per-pixel class probabilities (0 = background)."""
+        return torch.softmax(self(images).float(), dim=1)
+
     def presence(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, NUM_ORGANS) presence probabilities: the mean of each organ's top-k pixel probabilities."""
-        probabilities = torch.softmax(self(images).float(), dim=1)[:, 1:].flatten(2)
-        top_k = min(self.config.top_k, probabilities.shape[-1])
-        return probabilities.topk(top_k, dim=-1).values.mean(-1)
+        return self.presence_from_probabilities(self.probabilities(images))
+
+    def presence_from_probabilities(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """(B, NUM_ORGANS + 1, s, s) from ``probabilities`` -> (B, NUM_ORGANS) presence probabilities."""
+        organs = probabilities[:, 1:].flatten(2)
+        top_k = min(self.config.top_k, organs.shape[-1])
+        return organs.topk(top_k, dim=-1).values.mean(-1)
 
     def targets(self, labels, transform) -> torch.Tensor:
         """(H, W) organ labels of an original slice and its ``ResizeToSquare`` -> (NUM_ORGANS + 1, s, s)
@@ -93,6 +101,12 @@ class PixelPresenceNet(nn.Module):
         # the padding of a non-square slice is background too
         channels[0] = (1.0 - channels[1:].sum(0)).clamp(min=0.0)
         return channels
+
+
+def blend_mask_logits(mask_logits, organ_logits, weight: float):
+    """``pixel_mask_weight`` w: (1 - w) * a segmenter's mask logits + w * the pixel network's logits for the
+    organ (same shape, tensors or arrays): a weighted product of the two models' odds."""
+    return (1.0 - weight) * mask_logits + weight * organ_logits
 
 
 def build_pixel_presence(config: PixelPresenceConfig) -> PixelPresenceNet:

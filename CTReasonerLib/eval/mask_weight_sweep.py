@@ -1,0 +1,108 @@
+"""Choose ``pixel_mask_weight``: mean Dice of a model's segmentation answers at several blending weights.
+
+Each segmentation record is asked once, with a closer look, the pixel prior off and both rounds' masks kept;
+the blends are then worked out from those masks and the pixel network's organ logits
+(``CTReasonerPipeline.pixel_organ_logits``), for both ``closer_look.keep`` rules. Weight 0 is the model
+without the prior. Choose on validation subjects, not on the ones you report.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import CTReasonerError
+from ..model.pixel_presence import blend_mask_logits
+from ..organs import get_organ
+from .evaluate import final_masks
+
+DEFAULT_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+KEEP_RULES = ("last", "better")
+#: probabilities of exactly 0 or 1 (float32 saturation) become these logits
+_LOGIT_BOUND = 1e-6
+
+
+def _logits(probability: np.ndarray) -> np.ndarray:
+    probability = np.clip(probability.astype(np.float64), _LOGIT_BOUND, 1.0 - _LOGIT_BOUND)
+    return np.log(probability / (1.0 - probability))
+
+
+def dice(prediction: np.ndarray, target: np.ndarray) -> float:
+    """Dice of two boolean masks; 1 when both are empty (the evaluation's convention)."""
+    total = int(prediction.sum()) + int(target.sum())
+    return 1.0 if total == 0 else 2.0 * float((prediction & target).sum()) / total
+
+
+def _record_scores(pipeline, sample, weights: Sequence[float]) -> Dict[str, List[float]]:
+    """{keep rule: [Dice at each weight]} for one segmentation record."""
+    history = [(turn["query"], turn["answer"]) for turn in getattr(sample, "history", ())]
+    result = pipeline.chat(sample.image_hu, sample.turns[0]["query"], history, closer_look=True,
+                           return_probabilities=True)
+    target = np.asarray(sample.mask, dtype=bool)
+    first, second = final_masks(result, 1), final_masks(result, 2)
+    if not first or not result.target_organ:
+        empty = dice(np.zeros_like(target), target)
+        return {rule: [empty] * len(weights) for rule in KEEP_RULES}
+    organ_logits = pipeline.pixel_organ_logits(sample.image_hu, result.target_organ).astype(np.float64)
+    kept = {"last": second or first,
+            "better": first if second and first[0].score > second[0].score else (second or first)}
+    scores = {}
+    for rule, masks in kept.items():
+        logits = [_logits(m.probability) for m in masks]
+        scores[rule] = [dice(np.logical_or.reduce([blend_mask_logits(l, organ_logits, w) > 0 for l in logits]), target)
+                        for w in weights]
+    return scores
+
+
+def sweep_pixel_mask_weight(pipeline, samples: Sequence, weights: Sequence[float] = DEFAULT_WEIGHTS,
+                            progress: bool = True) -> Dict[str, Any]:
+    """Per-organ and mean Dice of the segmentation records in ``samples`` at each weight and keep rule.
+
+    The pipeline's own ``pixel_mask_weight`` and ``closer_look.keep`` are set aside while it runs.
+    """
+    if pipeline.model.pixel_presence_net is None:
+        raise CTReasonerError("this model has no pixel network to blend into its masks",
+                              "add one with `ctreasoner fit-presence MODEL DATASET --head pixels`")
+    weights = [float(w) for w in weights]
+    if not weights or any(not 0.0 <= w < 1.0 for w in weights):
+        raise CTReasonerError(f"blending weights must lie in [0, 1), got {weights}", "e.g. --weights 0 0.2 0.4")
+    seg = [s for s in samples if s.task == "seg"]
+    if not seg:
+        raise CTReasonerError("no segmentation records to score", "use a curated dataset split with seg records")
+    config = pipeline.config
+    saved = config.pixel_mask_weight, config.closer_look.keep
+    config.pixel_mask_weight, config.closer_look.keep = None, "last"
+    per_organ: Dict[str, Dict[str, List[List[float]]]] = {}
+    try:
+        for sample in tqdm(seg, desc="sweep", unit="record", disable=not progress):
+            for rule, values in _record_scores(pipeline, sample, weights).items():
+                per_organ.setdefault(sample.organ, {r: [] for r in KEEP_RULES})[rule].append(values)
+    finally:
+        config.pixel_mask_weight, config.closer_look.keep = saved
+    table = {}
+    for rule in KEEP_RULES:
+        organ_means = {organ: np.mean(rules[rule], axis=0) for organ, rules in per_organ.items()}
+        means = np.mean(list(organ_means.values()), axis=0)
+        worst = [min(organ_means, key=lambda organ: organ_means[organ][i]) for i in range(len(weights))]
+        table[rule] = [{"weight": w, "mean_dice": float(means[i]), "worst_organ": worst[i],
+                        "worst_dice": float(organ_means[worst[i]][i])} for i, w in enumerate(weights)]
+    best_rule, best = max(((rule, row) for rule in KEEP_RULES for row in table[rule]), key=lambda item: item[1]["mean_dice"])
+    return {"records": len(seg), "organs": len(per_organ), "weights": weights, "table": table,
+            "best": {"closer_look_keep": best_rule, "pixel_mask_weight": best["weight"], "mean_dice": best["mean_dice"]}}
+
+
+def render_sweep(result: Dict[str, Any]) -> str:
+    """The sweep as a Markdown table."""
+    lines = [f"Pixel mask weight sweep: {result['records']} segmentation records, {result['organs']} organs "
+             "(mean Dice over organs; weight 0 = no pixel prior)", "",
+             "| weight | " + " | ".join(f"keep {rule}: mean Dice | worst organ" for rule in KEEP_RULES) + " |",
+             "|---|" + "---|---|" * len(KEEP_RULES)]
+    for i, weight in enumerate(result["weights"]):
+        cells = [f"{row['mean_dice']:.4f} | {get_organ(row['worst_organ']).name} {row['worst_dice']:.3f}"
+                 for row in (result["table"][rule][i] for rule in KEEP_RULES)]
+        lines.append(f"| {weight:g} | " + " | ".join(cells) + " |")
+    best = result["best"]
+    lines += ["", f"Best: pixel_mask_weight {best['pixel_mask_weight']:g} with closer_look.keep "
+                  f"{best['closer_look_keep']} (mean Dice {best['mean_dice']:.4f})."]
+    return "\n".join(lines) + "\n"
