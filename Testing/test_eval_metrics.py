@@ -389,11 +389,11 @@ def test_presence_gate_sweep_is_reported():
     assert "| 0.25 | 80.00 | 5.00 |" in render_report(summary)
 
 
-def test_presence_overrides_are_checked():
+def test_inference_setting_overrides_are_checked():
     from types import SimpleNamespace
-    from CTReasonerLib.commands.evaluate import _probability_or_off
+    from CTReasonerLib.commands.evaluate import _probability_or_off, _weight_or_off
     from CTReasonerLib.errors import ConfigError
-    from CTReasonerLib.eval.evaluate import GATE_OFF, set_presence
+    from CTReasonerLib.eval.evaluate import GATE_OFF, set_inference_settings
     from CTReasonerLib.model.config import CTReasonerConfig
 
     assert _probability_or_off(None, "--presence-gate") is None
@@ -401,16 +401,29 @@ def test_presence_overrides_are_checked():
     for bad in ("1.5", "-0.1", "half", "nan"):
         with pytest.raises(ConfigError, match="--presence-rescue"):
             _probability_or_off(bad, "--presence-rescue")
+    for bad in ("1", "1.5", "x"):
+        with pytest.raises(ConfigError, match=r"--pixel-mask-weight must be"):
+            _weight_or_off(bad)
+    assert _weight_or_off("0.35") == 0.35 and _weight_or_off("off") == GATE_OFF and _weight_or_off(None) is None
     model = SimpleNamespace(config=CTReasonerConfig.from_dict({"loss": {"presence": 1.0}}))
-    set_presence(model, presence_gate=0.3)
+    set_inference_settings(model, presence_gate=0.3)
     assert model.config.presence_gate == 0.3
-    set_presence(model, presence_rescue=0.6)
+    set_inference_settings(model, presence_rescue=0.6)
     assert (model.config.presence_gate, model.config.presence_rescue) == (0.3, 0.6)
     with pytest.raises(ConfigError, match="must be >= presence_gate"):
-        set_presence(model, presence_rescue=0.2)            # below the gate: a rescued answer would fail it
-    set_presence(model, presence_gate=None, presence_rescue=None)
+        set_inference_settings(model, presence_rescue=0.2)            # below the gate: a rescued answer would fail it
+    set_inference_settings(model, presence_gate=None, presence_rescue=None)
     assert model.config.presence_gate is None and model.config.presence_rescue is None
+    with_pixels = SimpleNamespace(config=CTReasonerConfig.from_dict({"pixel_presence": {}, "pixel_mask_weight": 0.35}))
+    set_inference_settings(with_pixels, pixel_mask_weight=None)
+    assert with_pixels.config.pixel_mask_weight is None
+    set_inference_settings(with_pixels, pixel_mask_weight=0.5)
+    assert with_pixels.config.pixel_mask_weight == 0.5
+    with pytest.raises(ConfigError, match=r"pixel_mask_weight must be a weight in \[0, 1\)"):
+        set_inference_settings(with_pixels, pixel_mask_weight=1.0)
+    with pytest.raises(ConfigError, match="pixel_mask_weight needs the model's pixel_presence network"):
+        set_inference_settings(SimpleNamespace(config=CTReasonerConfig()), pixel_mask_weight=0.3)
     headless = SimpleNamespace(config=CTReasonerConfig())     # no presence head trained
     for setting in ("presence_gate", "presence_rescue"):
         with pytest.raises(ConfigError, match="presence head"):
-            set_presence(headless, **{setting: 0.3})
+            set_inference_settings(headless, **{setting: 0.3})

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override the model's presence_rescue for this run: a probability in [0, 1] (at least "
                              "the gate), or off; a 'not visible' answer is decoded again as visible when the presence "
                              "head gives the organ at least P")
+    parser.add_argument("--pixel-mask-weight", metavar="W|off",
+                        help="override the model's pixel_mask_weight for this run: a weight in [0, 1), or off (the "
+                             "segmenter's masks alone); needs a model with a pixel network")
     add_runtime_arguments(parser)
 
 
@@ -58,7 +61,8 @@ def run(args) -> int:
     summary, paths = evaluate_model(args.model, args.dataset, split=args.split, out_dir=out, settings=settings,
                                     limit=args.limit, device=args.device, progress=not args.no_progress,
                                     presence_gate=_probability_or_off(args.presence_gate, "--presence-gate"),
-                                    presence_rescue=_probability_or_off(args.presence_rescue, "--presence-rescue"))
+                                    presence_rescue=_probability_or_off(args.presence_rescue, "--presence-rescue"),
+                                    pixel_mask_weight=_weight_or_off(args.pixel_mask_weight))
     seg, det = summary["segmentation"]["mean"], summary["detection"]
     print(f"mean Dice {seg['dice']:.4f}, HD95 {seg['hd95_mm']:.2f} mm, NSD {seg['nsd']:.4f}, mAP@0.1 {det['map']:.4f}, "
           f"routing {summary['routing']['accuracy']:.4f}, absent {summary['absent']['accuracy']:.4f}")
@@ -67,7 +71,8 @@ def run(args) -> int:
 
 
 def _probability_or_off(value, flag: str):
-    """``--presence-gate`` / ``--presence-rescue``: None (keep the model's), "off", or a probability."""
+    """``--presence-gate`` / ``--presence-rescue`` / ``--pixel-mask-weight``: None (keep the model's), "off", or a
+    value in [0, 1] (the model's config checks narrower ranges)."""
     from ..errors import ConfigError
     from ..eval.evaluate import GATE_OFF
 
@@ -82,3 +87,14 @@ def _probability_or_off(value, flag: str):
     if not 0.0 <= gate <= 1.0:
         raise ConfigError(f"{flag} must be a probability in [0, 1] or 'off', got {value!r}")
     return gate
+
+
+def _weight_or_off(value):
+    """``--pixel-mask-weight``: as ``_probability_or_off``, below 1 (a weight of 1 would leave the segmenter out)."""
+    from ..errors import ConfigError
+
+    weight = _probability_or_off(value, "--pixel-mask-weight")
+    if isinstance(weight, float) and weight >= 1.0:
+        raise ConfigError(f"--pixel-mask-weight must be a weight in [0, 1) or 'off', got {value!r}",
+                          "0.35 is what CTReasoner-Tiny ships; `ctreasoner sweep-mask-weight` chooses one")
+    return weight

@@ -212,11 +212,12 @@ def load_samples(dataset_dir: str, split: str = "test", limit: Optional[int] = N
 def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_dir: Optional[str] = None,
                    settings: Optional[EvalSettings] = None, limit: Optional[int] = None, device: str = "auto",
                    progress: bool = True, presence_gate: Union[None, float, str] = None,
-                   presence_rescue: Union[None, float, str] = None):
+                   presence_rescue: Union[None, float, str] = None,
+                   pixel_mask_weight: Union[None, float, str] = None):
     """Load a model folder, evaluate it on a dataset split, write the report; returns (summary, paths).
 
-    ``presence_gate`` and ``presence_rescue`` override the model's settings of those names for this run: a
-    probability, or ``GATE_OFF`` (switched off); None keeps the model's.
+    ``presence_gate``, ``presence_rescue`` and ``pixel_mask_weight`` override the model's settings of those
+    names for this run: a value, or ``GATE_OFF`` (switched off); None keeps the model's.
     """
     from CTReasonerLib.model.ctreasoner import CTReasonerModel
     from CTReasonerLib.model.inference import CTReasonerPipeline
@@ -226,10 +227,11 @@ def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_di
     samples, records_in_split = load_samples(dataset_dir, split, limit)
     model = CTReasonerModel.from_pretrained(model_dir, device=device).eval()
     overrides = {name: None if value == GATE_OFF else float(value)
-                 for name, value in (("presence_gate", presence_gate), ("presence_rescue", presence_rescue))
+                 for name, value in (("presence_gate", presence_gate), ("presence_rescue", presence_rescue),
+                                     ("pixel_mask_weight", pixel_mask_weight))
                  if value is not None}
     if overrides:
-        set_presence(model, **overrides)
+        set_inference_settings(model, **overrides)
     settings = settings or EvalSettings()
     summary, outcomes = evaluate(CTReasonerPipeline(model), samples, settings, progress)
     summary["run"] = {"model": str(model_dir), "dataset": str(dataset_dir), "split": split,
@@ -242,9 +244,9 @@ def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_di
     return summary, paths
 
 
-def set_presence(model, **settings: Optional[float]) -> None:
-    """Give ``model`` other ``presence_gate`` / ``presence_rescue`` values (None: off), checked as its config
-    checks them."""
+def set_inference_settings(model, **settings: Optional[float]) -> None:
+    """Give ``model`` other ``presence_gate`` / ``presence_rescue`` / ``pixel_mask_weight`` values (None: off),
+    checked as its config checks them."""
     model.config = model.config.updated(settings)
 
 
