@@ -47,3 +47,17 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     Trainer(single, config, RegressionSamples(count=16)).train()
     for key, value in single.state_dict().items():
         torch.testing.assert_close(rank0["weights"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_config_error_under_torchrun_is_one_clear_message_per_rank(tmp_path):
+    """Both ranks stop at the same problem: each says what is wrong, and leaves its group without aborting."""
+    config = tmp_path / "missing_data.yaml"
+    config.write_text("model:\n  source: tiny\ndata:\n  root: %s\noutput_dir: %s\n"
+                      % (tmp_path / "nowhere", tmp_path / "run"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "CTReasonerLib.cli", "train", str(config), "--device", "cpu"]
+    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode != 0
+    assert completed.stderr.count("does not exist") == 2, completed.stderr[-3000:]
+    assert "terminate called" not in completed.stderr and "SIGABRT" not in completed.stderr

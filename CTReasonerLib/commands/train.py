@@ -53,21 +53,23 @@ def train_from_config(config, resume_from=None, device="auto"):
     import torch
 
     from ..model.device import select_device, select_dtype
-    from ..train.distributed import init_distributed, rank_device, shutdown_distributed
+    from ..train.distributed import abandon_distributed, init_distributed, rank_device, shutdown_distributed
     from ..train.trainer import Trainer, seed_everything
 
     target = select_device(device)
     context = init_distributed(target.type)
     target = rank_device(target, context)
-    # No shutdown on an error: destroying a group while another rank sits in a collective can hang this rank,
-    # and torchrun ends the other ranks once this one exits.
-    autocast_dtype = _autocast_dtype(config.run.precision, target, select_dtype)
-    train_set, val_set = load_datasets(config, context)
-    seed_everything(config.seed)
-    model = build_model(config, train_set, target, resume_from)
-    trainer = Trainer(model, config, train_set, val_set, device=target, autocast_dtype=autocast_dtype,
-                      context=context)
-    result = trainer.train(resume_from=resume_from)
+    try:
+        autocast_dtype = _autocast_dtype(config.run.precision, target, select_dtype)
+        train_set, val_set = load_datasets(config, context)
+        seed_everything(config.seed)
+        model = build_model(config, train_set, target, resume_from)
+        trainer = Trainer(model, config, train_set, val_set, device=target, autocast_dtype=autocast_dtype,
+                          context=context)
+        result = trainer.train(resume_from=resume_from)
+    except BaseException:
+        abandon_distributed(context)
+        raise
     shutdown_distributed(context)
     return result if context.is_main else None
 

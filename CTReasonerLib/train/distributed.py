@@ -64,6 +64,14 @@ def shutdown_distributed(context: DistributedContext) -> None:
         dist.destroy_process_group()
 
 
+def abandon_distributed(context: DistributedContext) -> None:
+    """Leave the group after an error. gloo's group is destroyed (left to interpreter exit, its worker threads
+    can abort the process); an nccl group is left as it is, because destroying it while another rank sits in a
+    collective can hang this rank, and torchrun ends the other ranks once this one exits."""
+    if context.is_distributed and dist.is_initialized() and context.backend == "gloo":
+        dist.destroy_process_group()
+
+
 def barrier(context: DistributedContext) -> None:
     if context.is_distributed:
         dist.barrier()
