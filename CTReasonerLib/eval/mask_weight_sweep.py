@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import CTReasonerError
+from ..model.inference import round_one_rated_higher
 from ..model.pixel_presence import blend_mask_logits
 from ..organs import get_organ
 from .evaluate import final_masks
@@ -46,7 +47,8 @@ def _record_scores(pipeline, sample, weights: Sequence[float]) -> Dict[str, List
         return {rule: [empty] * len(weights) for rule in KEEP_RULES}
     organ_logits = pipeline.pixel_organ_logits(sample.image_hu, result.target_organ).astype(np.float64)
     kept = {"last": second or first,
-            "better": first if second and first[0].score > second[0].score else (second or first)}
+            "better": first if round_one_rated_higher([m.score for m in first], [m.score for m in second])
+                      else (second or first)}
     scores = {}
     for rule, masks in kept.items():
         logits = [_logits(m.probability) for m in masks]

@@ -238,8 +238,7 @@ class CTReasonerPipeline:
 
     def _round_one_rated_higher(self, first: _Round, second: _Round) -> bool:
         """``closer_look.keep = "better"``: does the segmenter's IoU head rate round 1's mask above round 2's?"""
-        return (self.config.closer_look.keep == "better" and bool(first.mask_scores) and bool(second.mask_scores)
-                and first.mask_scores[0] > second.mask_scores[0])
+        return self.config.closer_look.keep == "better" and round_one_rated_higher(first.mask_scores, second.mask_scores)
 
     def _recent(self, history: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
         """The earlier turns the LVLM sees: the last ``max_history_turns`` (all when None)."""
@@ -291,9 +290,9 @@ class CTReasonerPipeline:
             prepared.pixel_probabilities = self.model.pixel_presence_net.probabilities(image)[0]
         return prepared.pixel_probabilities
 
-    def _pixel_organ_logits(self, prepared: _Slice, organ: str) -> torch.Tensor:
-        """(H, W) logits of the pixel network for ``organ`` on the slice."""
-        probability = self._pixel_probabilities(prepared)[get_organ(organ).label].float()
+    def _pixel_organ_logits(self, prepared: _Slice, label: int) -> torch.Tensor:
+        """(H, W) logits of the pixel network for the organ of ``label`` on the slice."""
+        probability = self._pixel_probabilities(prepared)[label].float()
         # eps bounds the network's say where it is certain (|logit| <= 13.8)
         return prepared.transform.mask_to_original(torch.logit(probability, eps=1e-6)[None, None])[0]
 
@@ -304,10 +303,10 @@ class CTReasonerPipeline:
         if weight is None or organ is None or self.model.pixel_presence_net is None:
             return logits
         try:
-            key = get_organ(organ).key
+            label = get_organ(organ).label
         except KeyError:
             return logits
-        return blend_mask_logits(logits, self._pixel_organ_logits(prepared, key).to(logits), weight)
+        return blend_mask_logits(logits, self._pixel_organ_logits(prepared, label).to(logits), weight)
 
     @_inference
     def pixel_organ_logits(self, image_hu, organ: str) -> np.ndarray:
@@ -317,10 +316,10 @@ class CTReasonerPipeline:
             raise CTReasonerError("this model has no pixel network",
                                   "add one with `ctreasoner fit-presence MODEL DATASET --head pixels`")
         try:
-            key = get_organ(organ).key
+            label = get_organ(organ).label
         except KeyError as error:
             raise CTReasonerError(error.args[0], "name one of the organs listed") from None
-        return self._pixel_organ_logits(self._prepare(image_hu), key).cpu().numpy()
+        return self._pixel_organ_logits(self._prepare(image_hu), label).cpu().numpy()
 
     def _generate(self, image: torch.Tensor, turns: List[Tuple[str, Optional[str]]], answer_prefix: Sequence[int] = ()):
         lvlm = self.model.lvlm
@@ -511,6 +510,12 @@ class CTReasonerPipeline:
                      for logits, score in zip(second.mask_logits, second.mask_scores)]
         return ChatResult(text=_strip_routing(second.raw_text), raw_text=second.raw_text, routing_tokens=second.tokens,
                           target_organ=organ, masks=masks, closer_look=info, timings_ms=timings)
+
+
+def round_one_rated_higher(first_scores: Sequence[float], second_scores: Sequence[float]) -> bool:
+    """The ``closer_look.keep = "better"`` rule: round 1's first mask has the higher IoU-head score (a tie goes
+    to the closer look)."""
+    return bool(first_scores) and bool(second_scores) and first_scores[0] > second_scores[0]
 
 
 def _organ_name(organ: Optional[str]) -> str:
