@@ -10,6 +10,7 @@ from fixtures_model import disc_sample, tiny_model_config
 
 from CTReasonerLib.errors import CTReasonerError
 from CTReasonerLib.eval.mask_weight_sweep import dice, render_sweep, sweep_pixel_mask_weight
+from CTReasonerLib.organs import get_organ
 
 ANSWERS = ("The liver is a bright round region. [SEG]", "Zooming in. [CLOSER]")
 
@@ -64,8 +65,12 @@ def test_each_weight_scores_the_mask_the_pipeline_shows_at_that_weight(pixel_pip
     assert {r["weight"] for r in result["table"]["better"]} == set(weights)
     best = result["best"]
     assert best["mean_dice"] == max(r["mean_dice"] for rule in result["table"].values() for r in rule)
+    assert result["per_organ"]["last"][sample.organ] == pytest.approx([row["mean_dice"] for row in result["table"]["last"]])
     table = render_sweep(result)
     assert "| 0.3 |" in table and f"pixel_mask_weight {best['pixel_mask_weight']:g}" in table
+    organ_row = f"| {get_organ(sample.organ).name} | " + " | ".join(
+        f"{value:.3f}" for value in result["per_organ"][best["closer_look_keep"]][sample.organ]) + " |"
+    assert organ_row in table
 
 
 def test_sweep_refuses_what_it_cannot_score(pixel_pipeline):

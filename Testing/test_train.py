@@ -556,3 +556,20 @@ def test_fit_presence_pixels_adds_a_pixel_network_that_the_gate_reads(tmp_path, 
         presence, checked = pipeline._presence(generation, prepared, features, "q", routed=True)
     assert checked == organ.key
     assert presence == pytest.approx(float((image_head * pixels).sqrt()), rel=1e-4)
+
+    # --continue trains this network further: it starts where the first fit ended, keeps the sizes, may change top-k
+    further = tmp_path / "further"
+    assert cli_main(["fit-presence", str(out), str(tiny_dataset), "--out", str(further), "--head", "pixels", "--continue",
+                     "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--pixel-top-k", "2", "--device", "cpu",
+                     "--no-progress"]) == 0
+    continued = json.loads((further / "pixel_presence_fit.json").read_text())
+    assert continued["continued"] and continued["pixel_presence"]["top_k"] == 2
+    assert continued["loss_per_epoch"][0] < 0.5 * info["loss_per_epoch"][0]
+    assert continued["pixel_presence"]["features"] == info["pixel_presence"]["features"]
+    assert CTReasonerModel.from_pretrained(str(further), device="cpu").config.pixel_presence.top_k == 2
+    for argv, message in [([str(out), "--head", "pixels", "--continue", "--pixel-size", "64"], "keeps the network's size"),
+                          ([str(out), "--continue"], "--continue trains a pixel network"),
+                          ([str(source), "--head", "pixels", "--continue"], "no pixel network to continue")]:
+        assert cli_main(["fit-presence", argv[0], str(tiny_dataset), "--out", str(tmp_path / "refused"), *argv[1:],
+                         "--device", "cpu", "--no-progress"]) != 0
+        assert message in capsys.readouterr().err

@@ -45,11 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="default 2e-3 (image), 3e-3 (pixels)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-slices", type=int, metavar="N", help="fit on at most N slices (memory: about 0.5 MB each)")
-    parser.add_argument("--pixel-size", type=int, default=128, metavar="S",
+    parser.add_argument("--continue", dest="continue_fit", action="store_true",
+                        help="--head pixels: train MODEL's own pixel network further (its sizes) instead of a new one")
+    parser.add_argument("--pixel-size", type=int, metavar="S",
                         help="--head pixels: the side the network sees, a multiple of 16 (default 128)")
-    parser.add_argument("--pixel-features", type=int, nargs=6, metavar="C", default=[8, 16, 32, 64, 128, 8],
-                        help="--head pixels: BasicUNet channels, five encoder levels and the last decoder level")
-    parser.add_argument("--pixel-top-k", type=int, default=4, metavar="K",
+    parser.add_argument("--pixel-features", type=int, nargs=6, metavar="C",
+                        help="--head pixels: BasicUNet channels, five encoder levels and the last decoder level "
+                             "(default 8 16 32 64 128 8)")
+    parser.add_argument("--pixel-top-k", type=int, metavar="K",
                         help="--head pixels: an organ's presence is the mean of its K most probable pixels (default 4)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="weights dtype of the output (default: the input folder's)")
@@ -87,10 +90,13 @@ def fit_presence_folder(args):
                           "pass a folder written by ctreasoner merge, or Resources/Models/CTReasoner-Tiny")
     if args.gate is not None and not 0.0 <= args.gate <= 1.0:
         raise ConfigError(f"--gate must be a probability in [0, 1], got {args.gate}")
+    if args.continue_fit and args.head != "pixels":
+        raise ConfigError("--continue trains a pixel network further", "add --head pixels, or leave --continue out")
     presence_from = args.presence_from or args.head
     sources = presence_sources(presence_from)
-    pixel_config = PixelPresenceConfig(image_size=args.pixel_size, features=tuple(args.pixel_features),
-                                       top_k=args.pixel_top_k).validate()
+    pixel_sizes = {name: value for name, value in (("image_size", args.pixel_size), ("features", args.pixel_features),
+                                                   ("top_k", args.pixel_top_k)) if value is not None}
+    PixelPresenceConfig(**pixel_sizes).validate()
     load_dataset_info(args.dataset)
     defaults = FIT_DEFAULTS[args.head]
     settings = PresenceFitSettings(**{name: getattr(args, name) if getattr(args, name) is not None else value
@@ -103,8 +109,10 @@ def fit_presence_folder(args):
                           "fit one first (--head pixels), or leave 'pixels' out")
     heldout = args.heldout_split or ("val" if args.split != "val" else None)
     if args.head == "pixels":
+        current = model.config.pixel_presence if args.continue_fit else None
+        pixel_config = replace(current, **pixel_sizes) if current else PixelPresenceConfig(**pixel_sizes)
         fit = fit_pixel_presence(model, args.dataset, args.split, heldout, settings, config=pixel_config,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, continue_fit=args.continue_fit)
     else:
         fit = fit_image_presence(model, args.dataset, args.split, heldout, settings, progress=not args.no_progress)
     gate = args.gate if args.gate is not None else (model.config.presence_gate if model.config.presence_gate is not None else 0.2)
@@ -119,7 +127,8 @@ def fit_presence_folder(args):
          "split": args.split, "slices": fit.train_slices, "loss_per_epoch": fit.history,
          "heldout_split": heldout if fit.heldout_bce is not None else None, "heldout_presence_bce": fit.heldout_bce,
          "settings": vars(settings), "presence_from": presence_from, "presence_gate": gate,
-         **({"pixel_presence": dataclasses.asdict(pixel_config)} if args.head == "pixels" else {})}, indent=2))
+         **({"pixel_presence": dataclasses.asdict(model.config.pixel_presence), "continued": args.continue_fit}
+            if args.head == "pixels" else {})}, indent=2))
     return fit
 
 

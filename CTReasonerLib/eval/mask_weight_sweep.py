@@ -59,7 +59,8 @@ def _record_scores(pipeline, sample, weights: Sequence[float]) -> Dict[str, List
 
 def sweep_pixel_mask_weight(pipeline, samples: Sequence, weights: Sequence[float] = DEFAULT_WEIGHTS,
                             progress: bool = True) -> Dict[str, Any]:
-    """Per-organ and mean Dice of the segmentation records in ``samples`` at each weight and keep rule.
+    """Per-organ and mean Dice of the segmentation records in ``samples`` at each weight and keep rule:
+    {"table": {rule: [row per weight]}, "per_organ": {rule: {organ: [Dice per weight]}}, "best": ...}.
 
     The pipeline's own ``pixel_mask_weight`` and ``closer_look.keep`` are set aside while it runs.
     """
@@ -82,15 +83,16 @@ def sweep_pixel_mask_weight(pipeline, samples: Sequence, weights: Sequence[float
                 per_organ.setdefault(sample.organ, {r: [] for r in KEEP_RULES})[rule].append(values)
     finally:
         config.pixel_mask_weight, config.closer_look.keep = saved
+    organ_table = {rule: {organ: [float(v) for v in np.mean(rules[rule], axis=0)] for organ, rules in per_organ.items()}
+                   for rule in KEEP_RULES}
     table = {}
-    for rule in KEEP_RULES:
-        organ_means = {organ: np.mean(rules[rule], axis=0) for organ, rules in per_organ.items()}
+    for rule, organ_means in organ_table.items():
         means = np.mean(list(organ_means.values()), axis=0)
         worst = [min(organ_means, key=lambda organ: organ_means[organ][i]) for i in range(len(weights))]
         table[rule] = [{"weight": w, "mean_dice": float(means[i]), "worst_organ": worst[i],
-                        "worst_dice": float(organ_means[worst[i]][i])} for i, w in enumerate(weights)]
+                        "worst_dice": organ_means[worst[i]][i]} for i, w in enumerate(weights)]
     best_rule, best = max(((rule, row) for rule in KEEP_RULES for row in table[rule]), key=lambda item: item[1]["mean_dice"])
-    return {"records": len(seg), "organs": len(per_organ), "weights": weights, "table": table,
+    return {"records": len(seg), "organs": len(per_organ), "weights": weights, "table": table, "per_organ": organ_table,
             "best": {"closer_look_keep": best_rule, "pixel_mask_weight": best["weight"], "mean_dice": best["mean_dice"]}}
 
 
@@ -106,5 +108,11 @@ def render_sweep(result: Dict[str, Any]) -> str:
         lines.append(f"| {weight:g} | " + " | ".join(cells) + " |")
     best = result["best"]
     lines += ["", f"Best: pixel_mask_weight {best['pixel_mask_weight']:g} with closer_look.keep "
-                  f"{best['closer_look_keep']} (mean Dice {best['mean_dice']:.4f})."]
+                  f"{best['closer_look_keep']} (mean Dice {best['mean_dice']:.4f}).", "",
+              f"Dice per organ with closer_look.keep {best['closer_look_keep']}:", "",
+              "| organ | " + " | ".join(f"{weight:g}" for weight in result["weights"]) + " |",
+              "|---|" + "---|" * len(result["weights"])]
+    organs = result["per_organ"][best["closer_look_keep"]]
+    for organ in sorted(organs, key=lambda key: get_organ(key).label):
+        lines.append(f"| {get_organ(organ).name} | " + " | ".join(f"{value:.3f}" for value in organs[organ]) + " |")
     return "\n".join(lines) + "\n"

@@ -48,22 +48,30 @@ def batch_targets(net, labelled, rows) -> torch.Tensor:
 
 def fit_pixel_presence(model, dataset_root: str, split: str = "train", heldout_split: Optional[str] = None,
                        settings: Optional[PresenceFitSettings] = None, config: Optional[PixelPresenceConfig] = None,
-                       progress: bool = True) -> PresenceFit:
-    """Give ``model`` a new pixel presence network (``config``, default sizes when None), trained on
-    ``split``'s slices, and record it in ``model.config.pixel_presence``. Everything else stays as it is."""
+                       progress: bool = True, continue_fit: bool = False) -> PresenceFit:
+    """Give ``model`` a pixel presence network trained on ``split``'s slices (a new one of ``config``'s sizes,
+    default sizes when None), and record it in ``model.config.pixel_presence``. Everything else stays as it is.
+
+    ``continue_fit``: start from the model's own pixel network rather than from random weights, e.g. to train it
+    further on more subjects; ``config`` may then change ``top_k`` only (None keeps the network's settings)."""
     from dataclasses import replace
 
     from monai.losses import DiceCELoss
     from tqdm.auto import tqdm
 
     settings = (settings or PresenceFitSettings()).validate()
+    if continue_fit:
+        config = _config_to_continue(model, config)
     config = (config or PixelPresenceConfig()).validate()
     slices = dataset_slices(dataset_root, split, settings.max_slices, settings.seed)
     if not slices:
         raise ConfigError(f"split '{split}' of {dataset_root} has no slices", "pick a split that has records")
     torch.manual_seed(settings.seed)
     device = model.device
-    net = build_pixel_presence(config).to(device).requires_grad_(True)
+    net = build_pixel_presence(config)
+    if continue_fit:
+        net.load_state_dict({name: value.float() for name, value in model.pixel_presence_net.state_dict().items()})
+    net = net.to(device).requires_grad_(True)
     images, labelled = prepare_slices(model, net, slices, progress)
     loss_fn = DiceCELoss(softmax=True, batch=True, include_background=False)
     steps_per_epoch = (len(images) + settings.batch_size - 1) // settings.batch_size
@@ -101,6 +109,21 @@ def fit_pixel_presence(model, dataset_root: str, split: str = "train", heldout_s
             fit.heldout_slices = len(held)
             fit.heldout_bce = heldout_presence_bce(model, held)
     return fit
+
+
+def _config_to_continue(model, config: Optional[PixelPresenceConfig]) -> PixelPresenceConfig:
+    """The sizes of the network a continued fit starts from; an error when there is none or ``config`` differs."""
+    current = model.config.pixel_presence
+    if model.pixel_presence_net is None or current is None:
+        raise ConfigError("this model has no pixel network to continue fitting",
+                          "fit a new network instead (leave out --continue)")
+    if config is None:
+        return current
+    if (config.image_size, config.features) != (current.image_size, current.features):
+        raise ConfigError(f"a continued fit keeps the network's size {current.image_size} and features "
+                          f"{list(current.features)}; {config.image_size} and {list(config.features)} were asked for",
+                          "leave the pixel size and features out, or fit a new network")
+    return config
 
 
 @torch.inference_mode()
