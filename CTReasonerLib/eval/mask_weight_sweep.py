@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from ..errors import CTReasonerError
@@ -30,9 +31,11 @@ def _logits(probability: np.ndarray) -> np.ndarray:
 
 
 def dice(prediction: np.ndarray, target: np.ndarray) -> float:
-    """Dice of two boolean masks; 1 when both are empty (the evaluation's convention)."""
-    total = int(prediction.sum()) + int(target.sum())
-    return 1.0 if total == 0 else 2.0 * float((prediction & target).sum()) / total
+    """Dice of two boolean (H, W) masks, monai's; 1 when both are empty (the evaluation's convention)."""
+    from monai.metrics import compute_dice
+
+    y_pred, y = (torch.from_numpy(np.asarray(mask, dtype=bool))[None, None].float() for mask in (prediction, target))
+    return float(compute_dice(y_pred, y, include_background=True, ignore_empty=False))
 
 
 def _record_scores(pipeline, sample, weights: Sequence[float]) -> Dict[str, List[float]]:
