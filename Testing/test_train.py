@@ -64,13 +64,14 @@ def test_shipped_configs_load():
     assert tiny_model.detection.box_source == shipped.detection.box_source == "fused"
     # the recipe gates on the image head; the committed model's stage 9 fitted a pixel network to gate on
     assert (tiny_model.presence_from, tiny_model.presence_gate) == ("image", 0.15)
-    assert (shipped.presence_from, shipped.presence_gate) == ("pixels", 0.1) and shipped.pixel_presence is not None
-    assert tiny_model.presence_rescue == shipped.presence_rescue == 0.5
+    # (stage 12 trained it on at 256 px and chose its gate, rescue and prior weight again on validation subjects)
+    assert (shipped.presence_from, shipped.presence_gate) == ("pixels", 0.7) and shipped.pixel_presence.image_size == 256
+    assert tiny_model.presence_rescue == 0.5 and shipped.presence_rescue == 0.9
     assert tiny_model.max_history_turns == shipped.max_history_turns == 2
     # the recipe keeps the round its IoU head rates higher; the committed model blends the pixel network's organ
     # map into its masks, and with that round 2 is the better choice (stage 10)
     assert tiny_model.closer_look.keep == "better" and tiny_model.pixel_mask_weight is None
-    assert shipped.closer_look.keep == "last" and shipped.pixel_mask_weight == 0.35
+    assert shipped.closer_look.keep == "last" and shipped.pixel_mask_weight == 0.5
     finetune = load_train_config(str(REPO / "configs" / "tiny_cpu_finetune.yaml"))
     assert finetune.model.source == "pretrained" and finetune.data.records_per_slice > 1
     assert finetune.run.max_minutes <= 85
@@ -557,7 +558,7 @@ def test_fit_presence_pixels_adds_a_pixel_network_that_the_gate_reads(tmp_path, 
     assert checked == organ.key
     assert presence == pytest.approx(float((image_head * pixels).sqrt()), rel=1e-4)
 
-    # --continue trains this network further: it starts where the first fit ended, keeps the sizes, may change top-k
+    # --continue trains this network further: it starts where the first fit ended, keeps the features, may change top-k
     further = tmp_path / "further"
     assert cli_main(["fit-presence", str(out), str(tiny_dataset), "--out", str(further), "--head", "pixels", "--continue",
                      "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--pixel-top-k", "2", "--device", "cpu",
@@ -567,7 +568,17 @@ def test_fit_presence_pixels_adds_a_pixel_network_that_the_gate_reads(tmp_path, 
     assert continued["loss_per_epoch"][0] < 0.5 * info["loss_per_epoch"][0]
     assert continued["pixel_presence"]["features"] == info["pixel_presence"]["features"]
     assert CTReasonerModel.from_pretrained(str(further), device="cpu").config.pixel_presence.top_k == 2
-    for argv, message in [([str(out), "--head", "pixels", "--continue", "--pixel-size", "64"], "keeps the network's size"),
+    # ... or at another side: the fully convolutional weights carry over, so it starts well below a new network
+    resized = tmp_path / "resized"
+    assert cli_main(["fit-presence", str(out), str(tiny_dataset), "--out", str(resized), "--head", "pixels", "--continue",
+                     "--pixel-size", "64", "--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--device", "cpu",
+                     "--no-progress"]) == 0
+    at_64 = json.loads((resized / "pixel_presence_fit.json").read_text())
+    assert at_64["pixel_presence"]["image_size"] == 64 and at_64["continued"]
+    assert at_64["loss_per_epoch"][0] < 0.5 * info["loss_per_epoch"][0]
+    assert CTReasonerModel.from_pretrained(str(resized), device="cpu").pixel_presence_net.config.image_size == 64
+    for argv, message in [([str(out), "--head", "pixels", "--continue", "--pixel-features", "4", "8", "16", "32", "64", "4"],
+                           "keeps the network's features"),
                           ([str(out), "--continue"], "--continue trains a pixel network"),
                           ([str(source), "--head", "pixels", "--continue"], "no pixel network to continue")]:
         assert cli_main(["fit-presence", argv[0], str(tiny_dataset), "--out", str(tmp_path / "refused"), *argv[1:],

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-slices", type=int, metavar="N", help="fit on at most N slices (memory: about 0.5 MB each)")
     parser.add_argument("--continue", dest="continue_fit", action="store_true",
-                        help="--head pixels: train MODEL's own pixel network further (its sizes) instead of a new one")
+                        help="--head pixels: train MODEL's own pixel network further (its features; --pixel-size may change) instead of a new one")
     parser.add_argument("--pixel-size", type=int, metavar="S",
                         help="--head pixels: the side the network sees, a multiple of 16 (default 128)")
     parser.add_argument("--pixel-features", type=int, nargs=6, metavar="C",

@@ -356,7 +356,7 @@ def _absent(outcomes: Sequence[SampleOutcome]) -> Dict[str, Any]:
             "presence_sweep": presence_gate_sweep(outcomes)}
 
 
-PRESENCE_SWEEP_GATES = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
+PRESENCE_SWEEP_GATES = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def presence_gate_sweep(outcomes: Sequence[SampleOutcome], gates: Sequence[float] = PRESENCE_SWEEP_GATES,

@@ -53,7 +53,9 @@ def fit_pixel_presence(model, dataset_root: str, split: str = "train", heldout_s
     default sizes when None), and record it in ``model.config.pixel_presence``. Everything else stays as it is.
 
     ``continue_fit``: start from the model's own pixel network rather than from random weights, e.g. to train it
-    further on more subjects; ``config`` may then change ``top_k`` only (None keeps the network's settings)."""
+    further on more subjects, or at a finer ``image_size`` (the network is fully convolutional, so its weights
+    carry over to any side); ``config`` may then change ``image_size`` and ``top_k``, not the features (None
+    keeps the network's settings)."""
     from dataclasses import replace
 
     from monai.losses import DiceCELoss
@@ -112,17 +114,18 @@ def fit_pixel_presence(model, dataset_root: str, split: str = "train", heldout_s
 
 
 def _config_to_continue(model, config: Optional[PixelPresenceConfig]) -> PixelPresenceConfig:
-    """The sizes of the network a continued fit starts from; an error when there is none or ``config`` differs."""
+    """The sizes of the network a continued fit starts from; an error when there is none or ``config`` asks for
+    other features (channel counts are the weights' shapes; the side is not)."""
     current = model.config.pixel_presence
     if model.pixel_presence_net is None or current is None:
         raise ConfigError("this model has no pixel network to continue fitting",
                           "fit a new network instead (leave out --continue)")
     if config is None:
         return current
-    if (config.image_size, config.features) != (current.image_size, current.features):
-        raise ConfigError(f"a continued fit keeps the network's size {current.image_size} and features "
-                          f"{list(current.features)}; {config.image_size} and {list(config.features)} were asked for",
-                          "leave the pixel size and features out, or fit a new network")
+    if config.features != current.features:
+        raise ConfigError(f"a continued fit keeps the network's features {list(current.features)}; "
+                          f"{list(config.features)} were asked for",
+                          "leave --pixel-features out, or fit a new network")
     return config
 
 
