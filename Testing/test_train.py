@@ -497,6 +497,26 @@ def test_fit_presence_trains_only_the_image_head_and_writes_a_gated_folder(tmp_p
         assert message in capsys.readouterr().err
 
 
+def test_presence_targets_count_organs_the_way_curation_asks_about_them():
+    """An organ is present from the dataset's minimum area, absent at no pixel; a smaller sliver and an organ the
+    dataset does not annotate are not scored."""
+    import numpy as np
+
+    from CTReasonerLib.train.pixel_presence_fit import presence_bce, presence_targets
+
+    labels = np.zeros((8, 8), np.uint8)
+    labels[:2, :2] = 1          # 4 pixels: present
+    labels[5, 5:7] = 2          # 2 pixels: a sliver
+    labels[7, :] = 3            # 8 pixels, but not annotated below
+    targets = presence_targets(labels, 4, annotated={1, 2, 4})
+    assert targets[:4].tolist() == [1.0, -1.0, -1.0, 0.0] and (targets[4:] == -1).all()
+    assert presence_targets(labels, 4)[:4].tolist() == [1.0, -1.0, 1.0, 0.0]
+    scores = torch.full((1, len(targets)), 0.5)
+    scores[0, 0], scores[0, 1] = 0.9, 0.0          # the unscored sliver's 0 must not count
+    expected = -(np.log(0.9) + np.log(0.5)) / 2
+    assert float(presence_bce(scores, targets[None])) == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.slow
 def test_fit_presence_pixels_adds_a_pixel_network_that_the_gate_reads(tmp_path, tiny_dataset, monkeypatch, capsys):
     """ctreasoner fit-presence --head pixels: a new network and config section, every old weight kept, and the
@@ -577,8 +597,25 @@ def test_fit_presence_pixels_adds_a_pixel_network_that_the_gate_reads(tmp_path, 
     assert at_64["pixel_presence"]["image_size"] == 64 and at_64["continued"]
     assert at_64["loss_per_epoch"][0] < 0.5 * info["loss_per_epoch"][0]
     assert CTReasonerModel.from_pretrained(str(resized), device="cpu").pixel_presence_net.config.image_size == 64
+    # --presence-weight trains the presence score itself: from the same network, seed and steps, its BCE on the
+    # slices' organs ends lower than the segmentation loss alone leaves it
+    from CTReasonerLib.train.pixel_presence_fit import dataset_presence_rule, presence_bce, presence_targets
+    rule = dataset_presence_rule(str(tiny_dataset))
+    targets = torch.stack([presence_targets(labels, *rule) for _, labels in slices])
+    bces = {}
+    for weight in ("0", "5"):
+        assert cli_main(["fit-presence", str(out), str(tiny_dataset), "--out", str(tmp_path / f"weighted{weight}"),
+                         "--head", "pixels", "--continue", "--presence-weight", weight, "--epochs", "6", "--batch-size", "4",
+                         "--lr", "3e-3", "--device", "cpu", "--no-progress"]) == 0
+        weighted = CTReasonerModel.from_pretrained(str(tmp_path / f"weighted{weight}"), device="cpu")
+        with torch.no_grad():
+            bces[weight] = float(presence_bce(weighted.pixel_presence_net.presence(images), targets))
+        assert json.loads((tmp_path / f"weighted{weight}" / "pixel_presence_fit.json").read_text())["presence_weight"] == float(weight)
+    assert bces["5"] < 0.8 * bces["0"], bces
     for argv, message in [([str(out), "--head", "pixels", "--continue", "--pixel-features", "4", "8", "16", "32", "64", "4"],
                            "keeps the network's features"),
+                          ([str(out), "--presence-weight", "1"], "--presence-weight weighs a pixel network"),
+                          ([str(out), "--head", "pixels", "--presence-weight", "-1"], "must be >= 0"),
                           ([str(out), "--continue"], "--continue trains a pixel network"),
                           ([str(source), "--head", "pixels", "--continue"], "no pixel network to continue")]:
         assert cli_main(["fit-presence", argv[0], str(tiny_dataset), "--out", str(tmp_path / "refused"), *argv[1:],

@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 8 16 32 64 128 8)")
     parser.add_argument("--pixel-top-k", type=int, metavar="K",
                         help="--head pixels: an organ's presence is the mean of its K most probable pixels (default 4)")
+    parser.add_argument("--presence-weight", type=float, default=0.0, metavar="W",
+                        help="--head pixels: add W x the BCE of the presence score (the gate's question) to the "
+                             "segmentation loss (default 0: segmentation only)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="weights dtype of the output (default: the input folder's)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
@@ -92,6 +95,11 @@ def fit_presence_folder(args):
         raise ConfigError(f"--gate must be a probability in [0, 1], got {args.gate}")
     if args.continue_fit and args.head != "pixels":
         raise ConfigError("--continue trains a pixel network further", "add --head pixels, or leave --continue out")
+    if args.presence_weight and args.head != "pixels":
+        raise ConfigError("--presence-weight weighs a pixel network's presence loss",
+                          "add --head pixels (the image head's loss is the presence BCE already), or leave it out")
+    if not args.presence_weight >= 0:
+        raise ConfigError(f"--presence-weight must be >= 0, got {args.presence_weight}")
     presence_from = args.presence_from or args.head
     sources = presence_sources(presence_from)
     pixel_sizes = {name: value for name, value in (("image_size", args.pixel_size), ("features", args.pixel_features),
@@ -112,7 +120,8 @@ def fit_presence_folder(args):
         current = model.config.pixel_presence if args.continue_fit else None
         pixel_config = replace(current, **pixel_sizes) if current else PixelPresenceConfig(**pixel_sizes)
         fit = fit_pixel_presence(model, args.dataset, args.split, heldout, settings, config=pixel_config,
-                                 progress=not args.no_progress, continue_fit=args.continue_fit)
+                                 progress=not args.no_progress, continue_fit=args.continue_fit,
+                                 presence_weight=args.presence_weight)
     else:
         fit = fit_image_presence(model, args.dataset, args.split, heldout, settings, progress=not args.no_progress)
     gate = args.gate if args.gate is not None else (model.config.presence_gate if model.config.presence_gate is not None else 0.2)
@@ -127,7 +136,8 @@ def fit_presence_folder(args):
          "split": args.split, "slices": fit.train_slices, "loss_per_epoch": fit.history,
          "heldout_split": heldout if fit.heldout_bce is not None else None, "heldout_presence_bce": fit.heldout_bce,
          "settings": vars(settings), "presence_from": presence_from, "presence_gate": gate,
-         **({"pixel_presence": dataclasses.asdict(model.config.pixel_presence), "continued": args.continue_fit}
+         **({"pixel_presence": dataclasses.asdict(model.config.pixel_presence), "continued": args.continue_fit,
+             "presence_weight": args.presence_weight}
             if args.head == "pixels" else {})}, indent=2))
     return fit
 

@@ -8,6 +8,12 @@ organs count as much as the liver):
     fit = fit_pixel_presence(model, "data/btcvpp", split="train")
     fit.history       # one mean loss per epoch
 
+The segmentation loss alone does not train the gate's question: a sliver of an organ is a few pixels of the
+Dice, and a few stray pixels of an absent organ cost little, yet either decides a presence answer.
+``presence_weight`` > 0 adds a BCE on the presence score itself (the mean of each organ's ``top_k`` most
+probable pixels) against which organs the slice shows, counted the way curation counts them: present from
+the dataset's ``min_organ_area_px``, absent at no pixel, and neither in between (no question asks).
+
 Memory: the network inputs in half precision (0.1 MB per slice at side 128, 0.4 MB at 256) and the label maps.
 """
 from __future__ import annotations
@@ -15,10 +21,14 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
+from CTReasonerLib.data.dataset import load_dataset_info
 from CTReasonerLib.errors import ConfigError
 from CTReasonerLib.model.pixel_presence import PixelPresenceConfig, build_pixel_presence
+from CTReasonerLib.organs import NUM_ORGANS, ORGAN_BY_KEY
 from CTReasonerLib.train.presence_fit import PresenceFit, PresenceFitSettings, dataset_slices
 
 logger = logging.getLogger(__name__)
@@ -46,22 +56,54 @@ def batch_targets(net, labelled, rows) -> torch.Tensor:
     return torch.stack([net.targets(*labelled[int(row)]) for row in rows])
 
 
+#: a sliver below this many pixels is neither present nor absent (curation's default, for datasets that do not say)
+DEFAULT_MIN_ORGAN_AREA_PX = 4
+
+
+def presence_targets(labels, min_area_px: int, annotated=None) -> torch.Tensor:
+    """(H, W) organ labels -> (NUM_ORGANS,) 1 where an organ has >= ``min_area_px`` pixels, 0 where it has none,
+    -1 (not scored) for a smaller sliver or an organ outside ``annotated`` (label values; None: all)."""
+    areas = np.bincount(np.asarray(labels, dtype=np.int64).ravel(), minlength=NUM_ORGANS + 1)[1:NUM_ORGANS + 1]
+    targets = np.where(areas >= min_area_px, 1.0, np.where(areas == 0, 0.0, -1.0)).astype(np.float32)
+    if annotated is not None:
+        targets[[label - 1 for label in range(1, NUM_ORGANS + 1) if label not in annotated]] = -1.0
+    return torch.from_numpy(targets)
+
+
+def dataset_presence_rule(dataset_root: str):
+    """(min_organ_area_px, annotated label values) of a curated dataset, the rule its questions follow."""
+    info = load_dataset_info(dataset_root)
+    min_area = int((info.get("config") or {}).get("min_organ_area_px", DEFAULT_MIN_ORGAN_AREA_PX))
+    keys = info.get("annotated_organs")
+    annotated = None if keys is None else {ORGAN_BY_KEY[key].label for key in keys if key in ORGAN_BY_KEY}
+    return min_area, annotated
+
+
+def presence_bce(scores: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """BCE of (B, NUM_ORGANS) presence probabilities against ``presence_targets`` rows, the -1 entries left out."""
+    scored = targets >= 0
+    return F.binary_cross_entropy(scores[scored].clamp(1e-6, 1 - 1e-6), targets[scored], reduction=reduction)
+
+
 def fit_pixel_presence(model, dataset_root: str, split: str = "train", heldout_split: Optional[str] = None,
                        settings: Optional[PresenceFitSettings] = None, config: Optional[PixelPresenceConfig] = None,
-                       progress: bool = True, continue_fit: bool = False) -> PresenceFit:
+                       progress: bool = True, continue_fit: bool = False, presence_weight: float = 0.0) -> PresenceFit:
     """Give ``model`` a pixel presence network trained on ``split``'s slices (a new one of ``config``'s sizes,
     default sizes when None), and record it in ``model.config.pixel_presence``. Everything else stays as it is.
 
     ``continue_fit``: start from the model's own pixel network rather than from random weights, e.g. to train it
     further on more subjects, or at a finer ``image_size`` (the network is fully convolutional, so its weights
     carry over to any side); ``config`` may then change ``image_size`` and ``top_k``, not the features (None
-    keeps the network's settings)."""
+    keeps the network's settings). ``presence_weight``: the weight of the presence BCE added to the
+    segmentation loss (0: segmentation only)."""
     from dataclasses import replace
 
     from monai.losses import DiceCELoss
     from tqdm.auto import tqdm
 
     settings = (settings or PresenceFitSettings()).validate()
+    if not presence_weight >= 0:
+        raise ConfigError(f"the presence weight must be >= 0, got {presence_weight}", "pass 0 for the segmentation loss alone")
     if continue_fit:
         config = _config_to_continue(model, config)
     config = (config or PixelPresenceConfig()).validate()
@@ -75,6 +117,8 @@ def fit_pixel_presence(model, dataset_root: str, split: str = "train", heldout_s
         net.load_state_dict({name: value.float() for name, value in model.pixel_presence_net.state_dict().items()})
     net = net.to(device).requires_grad_(True)
     images, labelled = prepare_slices(model, net, slices, progress)
+    rule = dataset_presence_rule(dataset_root)
+    truth = torch.stack([presence_targets(labels, *rule) for _, labels in slices])
     loss_fn = DiceCELoss(softmax=True, batch=True, include_background=False)
     steps_per_epoch = (len(images) + settings.batch_size - 1) // settings.batch_size
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -91,7 +135,11 @@ def fit_pixel_presence(model, dataset_root: str, split: str = "train", heldout_s
             batch = images[rows].to(device, torch.float32)
             jitter = torch.randn(len(rows), 2, 1, 1, 1, device=device)
             batch = batch * (1 + scale * jitter[:, 0]) + shift * jitter[:, 1]
-            loss = loss_fn(net(batch).float(), batch_targets(net, labelled, rows).to(device))
+            logits = net(batch).float()
+            loss = loss_fn(logits, batch_targets(net, labelled, rows).to(device))
+            if presence_weight:
+                scores = net.presence_from_probabilities(torch.softmax(logits, dim=1))
+                loss = loss + presence_weight * presence_bce(scores, truth[rows].to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -109,7 +157,7 @@ def fit_pixel_presence(model, dataset_root: str, split: str = "train", heldout_s
         held = dataset_slices(dataset_root, heldout_split)
         if held:
             fit.heldout_slices = len(held)
-            fit.heldout_bce = heldout_presence_bce(model, held)
+            fit.heldout_bce = heldout_presence_bce(model, held, rule)
     return fit
 
 
@@ -130,18 +178,15 @@ def _config_to_continue(model, config: Optional[PixelPresenceConfig]) -> PixelPr
 
 
 @torch.inference_mode()
-def heldout_presence_bce(model, slices, batch_size: int = 32) -> float:
-    """Mean BCE of the network's presence probabilities against which organs each slice shows."""
-    import torch.nn.functional as F
-
-    from CTReasonerLib.model.auxiliary import organ_presence
-
+def heldout_presence_bce(model, slices, rule=(DEFAULT_MIN_ORGAN_AREA_PX, None), batch_size: int = 32) -> float:
+    """Mean BCE of the network's presence probabilities against ``presence_targets`` under ``rule``
+    ((min_organ_area_px, annotated labels), ``dataset_presence_rule``), over the scored organs of every slice."""
     net = model.pixel_presence_net
-    total = 0.0
+    total, count = 0.0, 0
     for start in range(0, len(slices), batch_size):
         chunk = slices[start:start + batch_size]
         images = torch.stack([model.slice_input(hu)[0] for hu, _ in chunk]).to(model.device)
-        probabilities = net.presence(images).clamp(1e-6, 1 - 1e-6)
-        truth = torch.stack([organ_presence(labels) for _, labels in chunk]).to(probabilities.device)
-        total += float(F.binary_cross_entropy(probabilities, truth, reduction="sum")) / truth.shape[1]
-    return total / len(slices)
+        truth = torch.stack([presence_targets(labels, *rule) for _, labels in chunk]).to(images.device)
+        total += float(presence_bce(net.presence(images), truth, reduction="sum"))
+        count += int((truth >= 0).sum())
+    return total / max(count, 1)
