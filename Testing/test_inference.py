@@ -437,13 +437,45 @@ def test_pixel_mask_weight_blends_the_pixel_networks_organ_logit_into_every_show
     with torch.no_grad():
         spleen = pixel_model.pixel_presence_net.probabilities(image[None])[0, get_organ("spleen").label]   # the answer's organ
     organ_logit = mask_to_original(torch.logit(spleen, eps=1e-6)[None, None], slice_hu.shape)[0].double().numpy()
+    # a weak prior leaves round 1's mask, hence the crop, as it was; so round 2's logits can be compared too
+    assert blended.closer_look.roi_xyxy.tolist() == plain.closer_look.roi_xyxy.tolist()
     for before, after in zip(plain.masks, blended.masks):
         expected = 0.6 * _logit(before.probability) + 0.4 * organ_logit
         moderate = np.abs(expected) < 8     # where float32 probabilities still resolve the logit
         assert moderate.mean() > 0.5
         assert np.allclose(_logit(after.probability)[moderate], expected[moderate], atol=2e-3)
         assert np.array_equal(after.mask, after.probability > 0.5)
-    assert blended.closer_look.roi_xyxy.tolist() == plain.closer_look.roi_xyxy.tolist()   # round 1's own mask
+
+
+def test_closer_look_crops_around_the_round_one_mask_the_user_sees(pixel_model, slice_hu, monkeypatch):
+    """With the pixel prior, round 2's ROI follows round 1's blended mask; where that is empty, the segmenter's."""
+    from CTReasonerLib.model.closer_look import roi_from_mask
+    from CTReasonerLib.model.inference import CTReasonerPipeline
+
+    pipeline = CTReasonerPipeline(pixel_model, max_new_tokens=6)
+    square = np.zeros(slice_hu.shape, bool)
+    square[55:70, 40:58] = True            # away from bright_round_one's disc
+    organ_map = {"logits": torch.from_numpy(np.where(square, 20.0, -20.0)).float()}
+    monkeypatch.setattr(pipeline, "_pixel_organ_logits", lambda prepared, label: organ_map["logits"])
+    closer = pipeline.config.closer_look
+
+    def ask(weight):
+        monkeypatch.setattr(pipeline.config, "pixel_mask_weight", weight)
+        script(pipeline, monkeypatch, "The liver is here. [SEG]", "Zooming in. [CLOSER]")
+        bright_round_one(pipeline, monkeypatch)
+        return pipeline.chat(slice_hu, "Segment the liver.", closer_look=True)
+
+    plain = ask(None)
+    disc = plain.masks[0].mask
+    assert disc.any() and not (disc & square).any()
+    assert plain.closer_look.roi_xyxy.tolist() == roi_from_mask(disc, closer.margin, closer.min_roi).tolist()
+    blended = ask(0.6)
+    assert np.array_equal(blended.masks[0].mask, square)          # what round 1 shows: the prior's square
+    assert blended.closer_look.roi_xyxy.tolist() == roi_from_mask(square, closer.margin, closer.min_roi).tolist()
+    organ_map["logits"] = torch.full(slice_hu.shape, -20.0)      # the blend shows nothing: the segmenter's mask guides
+    empty = ask(0.6)
+    assert not empty.masks[0].mask.any()
+    assert empty.closer_look.roi_xyxy.tolist() == plain.closer_look.roi_xyxy.tolist()
 
 
 def test_pixel_mask_weight_leaves_clicks_and_unnamed_organs_to_the_segmenter(pixel_model, slice_hu, monkeypatch):

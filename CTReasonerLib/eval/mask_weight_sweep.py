@@ -1,9 +1,9 @@
 """Choose ``pixel_mask_weight``: mean Dice of a model's segmentation answers at several blending weights.
 
-Each segmentation record is asked once, with a closer look, the pixel prior off and both rounds' masks kept;
-the blends are then worked out from those masks and the pixel network's organ logits
-(``CTReasonerPipeline.pixel_organ_logits``), for both ``closer_look.keep`` rules. Weight 0 is the model
-without the prior. Choose on validation subjects, not on the ones you report.
+Each segmentation record is asked once per weight, with a closer look and both rounds' masks kept, and scored for
+both ``closer_look.keep`` rules. The weight changes more than the blend: round 2 crops around round 1's blended
+mask, so every weight is a run of the pipeline as a user gets it. Weight 0 is the model without the prior. Choose
+on validation subjects, not on the ones you report.
 """
 from __future__ import annotations
 
@@ -15,19 +15,11 @@ from tqdm import tqdm
 
 from ..errors import CTReasonerError
 from ..model.inference import round_one_rated_higher
-from ..model.pixel_presence import blend_mask_logits
 from ..organs import get_organ
-from .evaluate import final_masks
+from .evaluate import final_masks, union_mask
 
 DEFAULT_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 KEEP_RULES = ("last", "better")
-#: probabilities of exactly 0 or 1 (float32 saturation) become these logits
-_LOGIT_BOUND = 1e-6
-
-
-def _logits(probability: np.ndarray) -> np.ndarray:
-    probability = np.clip(probability.astype(np.float64), _LOGIT_BOUND, 1.0 - _LOGIT_BOUND)
-    return np.log(probability / (1.0 - probability))
 
 
 def dice(prediction: np.ndarray, target: np.ndarray) -> float:
@@ -39,24 +31,20 @@ def dice(prediction: np.ndarray, target: np.ndarray) -> float:
 
 
 def _record_scores(pipeline, sample, weights: Sequence[float]) -> Dict[str, List[float]]:
-    """{keep rule: [Dice at each weight]} for one segmentation record."""
+    """{keep rule: [Dice at each weight]} for one segmentation record (the pipeline's ``closer_look.keep`` must be
+    "last", so that both rounds' masks come back)."""
     history = [(turn["query"], turn["answer"]) for turn in getattr(sample, "history", ())]
-    result = pipeline.chat(sample.image_hu, sample.turns[0]["query"], history, closer_look=True,
-                           return_probabilities=True)
     target = np.asarray(sample.mask, dtype=bool)
-    first, second = final_masks(result, 1), final_masks(result, 2)
-    if not first or not result.target_organ:
-        empty = dice(np.zeros_like(target), target)
-        return {rule: [empty] * len(weights) for rule in KEEP_RULES}
-    organ_logits = pipeline.pixel_organ_logits(sample.image_hu, result.target_organ).astype(np.float64)
-    kept = {"last": second or first,
-            "better": first if round_one_rated_higher([m.score for m in first], [m.score for m in second])
-                      else (second or first)}
-    scores = {}
-    for rule, masks in kept.items():
-        logits = [_logits(m.probability) for m in masks]
-        scores[rule] = [dice(np.logical_or.reduce([blend_mask_logits(l, organ_logits, w) > 0 for l in logits]), target)
-                        for w in weights]
+    scores: Dict[str, List[float]] = {rule: [] for rule in KEEP_RULES}
+    for weight in weights:
+        pipeline.config.pixel_mask_weight = weight or None
+        result = pipeline.chat(sample.image_hu, sample.turns[0]["query"], history, closer_look=True)
+        first, second = final_masks(result, 1), final_masks(result, 2)
+        kept = {"last": second or first,
+                "better": first if round_one_rated_higher([m.score for m in first], [m.score for m in second])
+                          else (second or first)}
+        for rule, masks in kept.items():
+            scores[rule].append(dice(union_mask(masks, target.shape)[0], target))
     return scores
 
 
@@ -65,7 +53,8 @@ def sweep_pixel_mask_weight(pipeline, samples: Sequence, weights: Sequence[float
     """Per-organ and mean Dice of the segmentation records in ``samples`` at each weight and keep rule:
     {"table": {rule: [row per weight]}, "per_organ": {rule: {organ: [Dice per weight]}}, "best": ...}.
 
-    The pipeline's own ``pixel_mask_weight`` and ``closer_look.keep`` are set aside while it runs.
+    The pipeline's own ``pixel_mask_weight`` and ``closer_look.keep`` are set aside while it runs. It costs one
+    chat turn per record and weight.
     """
     if pipeline.model.pixel_presence_net is None:
         raise CTReasonerError("this model has no pixel network to blend into its masks",

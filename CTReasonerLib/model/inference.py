@@ -383,12 +383,17 @@ class CTReasonerPipeline:
 
     def _closer_round(self, prepared: _Slice, first: _Round, round1_query: str, question: str,
                       roi: Optional[np.ndarray] = None) -> Tuple[_Round, CloserLookInfo]:
-        """Round 2 on the ROI around the first round-1 mask (or its best box) or an explicit ``roi``."""
+        """Round 2 on the ROI around the first round-1 mask as shown (with the pixel prior blended in), the
+        segmenter's own mask where that is empty, its best box where both are, or an explicit ``roi``."""
         closer = self.config.closer_look
         height, width = prepared.transform.original_hw
         background = first.mask_logits[0] if first.mask_logits else torch.full((height, width), _OUTSIDE_LOGIT)
         if roi is None:
             region = background > 0
+            if first.mask_logits:
+                # the crop follows the mask a user sees as round 1: with the prior, that mask is the better guide
+                shown = self._with_pixel_map(prepared, first.organ, background.float()) > 0
+                region = shown if bool(shown.any()) else region
             if not bool(region.any()) and first.boxes:  # no (or an empty) mask: the best box guides round 2
                 region = _box_mask(first.boxes[0].xyxy, (height, width))
             roi = roi_from_mask(region.cpu().numpy(), margin=closer.margin, min_size_px=closer.min_roi)
