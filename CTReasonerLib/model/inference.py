@@ -51,12 +51,14 @@ _OUTSIDE_LOGIT = -20.0
 @dataclass
 class _Slice:
     """One prepared image: segmenter/LVLM input (3, S, S), its transform, windowed channels, cache key, and
-    the pixel network's (NUM_ORGANS + 1, s, s) class probabilities once a presence check or mask has needed them."""
+    the pixel network's (NUM_ORGANS + 1, s, s) class probabilities once a presence check or mask has needed them,
+    and its (H, W) logits per organ label once a mask has been blended with them."""
     image: torch.Tensor
     transform: ResizeToSquare
     channels: torch.Tensor
     key: str
     pixel_probabilities: Optional[torch.Tensor] = None
+    pixel_organ_logits: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -291,10 +293,14 @@ class CTReasonerPipeline:
         return prepared.pixel_probabilities
 
     def _pixel_organ_logits(self, prepared: _Slice, label: int) -> torch.Tensor:
-        """(H, W) logits of the pixel network for the organ of ``label`` on the slice."""
-        probability = self._pixel_probabilities(prepared)[label].float()
-        # eps bounds the network's say where it is certain (|logit| <= 13.8)
-        return prepared.transform.mask_to_original(torch.logit(probability, eps=1e-6)[None, None])[0]
+        """(H, W) logits of the pixel network for the organ of ``label`` on the slice (upsampled once per slice:
+        both rounds' masks and the closer look's crop blend the same map)."""
+        if label not in prepared.pixel_organ_logits:
+            probability = self._pixel_probabilities(prepared)[label].float()
+            # eps bounds the network's say where it is certain (|logit| <= 13.8)
+            prepared.pixel_organ_logits[label] = prepared.transform.mask_to_original(
+                torch.logit(probability, eps=1e-6)[None, None])[0]
+        return prepared.pixel_organ_logits[label]
 
     def _with_pixel_map(self, prepared: _Slice, organ: Optional[str], logits: torch.Tensor) -> torch.Tensor:
         """(H, W) mask logits blended with the pixel network's for ``organ`` (``pixel_mask_weight``); unchanged
