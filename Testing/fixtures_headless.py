@@ -97,6 +97,23 @@ class LabelPipeline:
         return result
 
 
+class NeighbourRecordingPipeline(LabelPipeline):
+    """A LabelPipeline whose pixel network reads the slices ``neighbour_distance_mm`` either side (None: it reads
+    none); it records, per chat call, the slice index and the ``neighbours_hu`` it was given (NOT_GIVEN if none)."""
+
+    NOT_GIVEN = "not given"
+
+    def __init__(self, ct, labels, neighbour_distance_mm):
+        super().__init__(ct, labels)
+        self.neighbour_distance_mm = neighbour_distance_mm
+        self.received = []
+
+    def chat(self, image_hu, query, history=None, closer_look=None, neighbours_hu=NOT_GIVEN):
+        k = next(k for k in range(self.ct.array.shape[0]) if np.array_equal(self.ct.array[k], image_hu))
+        self.received.append((k, neighbours_hu))
+        return super().chat(image_hu, query, history, closer_look)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random-init tiny CTReasoner saved with save_pretrained (what ``--model DIR`` loads)."""

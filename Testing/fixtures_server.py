@@ -42,6 +42,51 @@ def phantom_stack(depth: int, size: int = 64, first_seed: int = 0) -> np.ndarray
     return np.stack([phantom_slice(size, seed=first_seed + k) for k in range(depth)])
 
 
+class RecordingPipeline:
+    """A stand-in for CTReasonerPipeline behind a real Engine (see ``ready_engine``): every chat finds a small
+    liver, and every call is recorded as (method, (H, W) pixels, neighbours_hu), so a test sees exactly which
+    neighbouring slices reached the model. ``neighbour_distance_mm`` None: a model that reads none."""
+
+    def __init__(self, neighbour_distance_mm=None):
+        self.neighbour_distance_mm = neighbour_distance_mm
+        self.calls = []
+
+    def encode_image(self, image_hu) -> bool:
+        return False
+
+    @staticmethod
+    def _liver(image_hu, round_=1):
+        from CTReasonerLib.results import MaskPrediction
+
+        mask = np.zeros(np.shape(image_hu), bool)
+        mask[2:6, 2:6] = True
+        return MaskPrediction("liver", mask, 0.9, round=round_)
+
+    def chat(self, image_hu, query, history=(), closer_look=None, score_threshold=None, return_probabilities=True,
+             box_source=None, neighbours_hu=None):
+        from CTReasonerLib.results import ChatResult
+
+        self.calls.append(("chat", np.array(image_hu), neighbours_hu))
+        return ChatResult(text="The liver is here.", routing_tokens=["[SEG]"], target_organ="liver",
+                          masks=[self._liver(image_hu)])
+
+    def closer_look(self, image_hu, roi_xyxy=None, mask=None, organ=None, query=None, neighbours_hu=None):
+        from CTReasonerLib.results import ChatResult, CloserLookInfo
+
+        self.calls.append(("closer_look", np.array(image_hu), neighbours_hu))
+        return ChatResult(text="Closer.", target_organ=organ, masks=[self._liver(image_hu, 2)],
+                          closer_look=CloserLookInfo(ran=True, roi_xyxy=np.array([0.0, 0.0, 8.0, 8.0]), organ=organ))
+
+
+def ready_engine(pipeline):
+    """A real server Engine, 'loaded' with ``pipeline`` (no model files, no torch model)."""
+    from CTReasonerLib.server.engine import Engine
+
+    engine = Engine("tiny-random")
+    engine.pipeline, engine.state = pipeline, "ready"
+    return engine
+
+
 def stdio_client(extra_args=(), **client_options) -> CTReasonerClient:
     """A client that starts its own stdio backend (not yet connected)."""
     options = dict(timeout=120.0, connect_timeout=STARTUP_TIMEOUT_S, heartbeat_interval=0)

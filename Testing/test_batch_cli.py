@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_headless import tiny_model_dir, write_phantom  # noqa: F401
+import numpy as np
+
+from fixtures_headless import NeighbourRecordingPipeline, tiny_model_dir, write_phantom  # noqa: F401
 
 from CTReasonerLib.cli import main
 from CTReasonerLib.errors import ConfigError
-from CTReasonerLib.headless.batch import DONE_MARKER, read_inputs, shard
+from CTReasonerLib.headless.batch import DONE_MARKER, BatchItem, BatchRequest, read_inputs, run_items, shard
+from CTReasonerLib.headless.volume_chat import ChatTurn
 
 QUERY = "segment the liver"
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +108,27 @@ def test_batch_isolates_failures_writes_summary_and_resumes(batch_inputs, tmp_pa
     argv[argv.index(QUERY)] = "segment the spleen"                 # another question is not "finished"
     main(argv)
     assert "3 done, 0 skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("reads_neighbours", [True, False])
+def test_batch_sends_each_slice_its_neighbours_from_the_volume_when_the_model_reads_them(tmp_path, reads_neighbours):
+    ct_path, ct, labels = write_phantom(tmp_path / "in", seed=4)
+    # twice the slice spacing: the neighbours are 2 slices off, so a k +- 1 (or unclamped) pick fails
+    distance = 2.0 * float(ct.spacing[2]) if reads_neighbours else None
+    pipeline = NeighbourRecordingPipeline(ct, labels, distance)
+    request = BatchRequest(turns=[ChatTurn(QUERY), ChatTurn("segment the spleen")], slices="0,1,5,9")
+    records = run_items([BatchItem(source=str(ct_path), name="case")], lambda: pipeline, request, tmp_path / "out",
+                        progress=False)
+    assert [r.status for r in records] == ["done"]
+    last = ct.array.shape[0] - 1
+    assert [k for k, _ in pipeline.received] == [0, 0, 1, 1, 5, 5, 9, 9]       # every turn of every slice
+    for k, neighbours in pipeline.received:
+        if not reads_neighbours:
+            assert neighbours is NeighbourRecordingPipeline.NOT_GIVEN       # a model without them gets nothing
+            continue
+        assert neighbours.shape == (2,) + ct.array.shape[1:]
+        assert np.array_equal(neighbours[0], ct.array[max(k - 2, 0)]), k        # below, clamped at slice 0
+        assert np.array_equal(neighbours[1], ct.array[min(k + 2, last)]), k     # above, clamped at the last
 
 
 def test_batch_refuses_missing_model_once_and_empty_query(batch_inputs, tmp_path, capsys):

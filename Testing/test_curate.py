@@ -211,6 +211,23 @@ def curated(synthetic):
     return curate_volume("syn", ct, labels, CurationConfig(seed=3))
 
 
+def test_each_retained_slice_keeps_the_slices_about_3_mm_either_side(curated, synthetic):
+    from CTReasonerLib.data.curate.pipeline import to_hu_int16
+
+    ct, _ = synthetic                                          # 4 mm slices: the next slice on each side
+    arrays = curated.arrays
+    assert arrays["neighbours"].shape == (len(arrays["slice_indices"]), 2) + arrays["image"].shape[1:]
+    assert arrays["neighbours"].dtype == np.int16
+    last = ct.array.shape[0] - 1
+    for pos, k in enumerate(arrays["slice_indices"]):
+        assert np.array_equal(arrays["neighbours"][pos, 0], to_hu_int16(ct.array[max(k - 1, 0)]))
+        assert np.array_equal(arrays["neighbours"][pos, 1], to_hu_int16(ct.array[min(k + 1, last)]))
+    thin_ct, thin_labels = make_synthetic_pair(shape=(24, 48, 48), spacing=(1.5, 1.5, 1.0), seed=1)
+    thin = curate_volume("thin", thin_ct, thin_labels, CurationConfig(seed=3)).arrays   # 1 mm: 3 slices away
+    for pos, k in enumerate(thin["slice_indices"]):
+        assert np.array_equal(thin["neighbours"][pos, 1], to_hu_int16(thin_ct.array[min(k + 3, 23)]))
+
+
 def test_records_are_schema_valid_and_routing_tokens_are_exact(curated):
     from CTReasonerLib.model.config import CTReasonerConfig
 

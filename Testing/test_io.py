@@ -13,7 +13,8 @@ from CTReasonerLib.errors import ConfigError
 from CTReasonerLib.io.errors import (CorruptFileError, CTFileNotFoundError, InconsistentSeriesError, NotAVolumeError,
                                      NotCTError, UnsupportedFormatError)
 from CTReasonerLib.io.readers import read_labelmap, read_volume
-from CTReasonerLib.io.slices import (axial_axis, extract_axial_slice, place_slice_mask, reorient_axial)
+from CTReasonerLib.io.slices import (axial_axis, extract_axial_slice, neighbour_offset, neighbour_slices, place_slice_mask,
+                                     reorient_axial)
 from CTReasonerLib.io.volume import Volume, ijk_to_ras_points, ras_to_ijk_points
 from CTReasonerLib.io.windowing import WINDOW_PRESETS, apply_window, get_window
 from CTReasonerLib.io.writers import write_labelmap, write_volume
@@ -464,3 +465,18 @@ def test_cli_errors_are_clean(tmp_path, capsys, ct_slice, case):
     captured = capsys.readouterr()
     assert expected in captured.err and "hint:" in captured.err
     assert "Traceback" not in captured.err + captured.out
+
+
+def test_neighbours_sit_about_the_same_distance_away_whatever_the_slice_spacing():
+    assert neighbour_offset(3.0) == 1 and neighbour_offset(4.0) == 1 and neighbour_offset(2.5) == 1
+    assert neighbour_offset(0.625) == 5 and neighbour_offset(1.0) == 3 and neighbour_offset(10.0) == 1
+    assert neighbour_offset(-1.5) == 2                      # a volume running the other way in K
+    for wrong in (0.0, float("nan")):
+        with pytest.raises(ConfigError, match="slice spacing"):
+            neighbour_offset(wrong)
+    array = np.arange(5)[:, None, None] * np.ones((5, 2, 3))
+    assert neighbour_slices(array, 2, 1)[:, 0, 0].tolist() == [1, 3]
+    assert neighbour_slices(array, 0, 2)[:, 0, 0].tolist() == [0, 2]      # clamped at the ends
+    assert neighbour_slices(array, 4, 1)[:, 0, 0].tolist() == [3, 4]
+    with pytest.raises(ValueError, match="outside"):
+        neighbour_slices(array, 5, 1)

@@ -18,6 +18,7 @@ from CTReasonerLib.server.methods import registry
 from CTReasonerLib.server.protocol import RpcError, encode_line, parse_message, rpc_error_from_exception, validate_request
 from CTReasonerLib.server.service import Limits, Service
 from CTReasonerLib.server.sessions import SessionManager
+from fixtures_server import RecordingPipeline, ready_engine
 
 
 # ------------------------------------------------------------------ encodings
@@ -179,9 +180,10 @@ def service_without_model(tmp_path):
 
 
 def _call(service, method, params=None, session_id=None, request_id=1):
+    """The answer to one request (progress notifications, e.g. propagate's, are dropped)."""
     collector = _Collector()
     expects = service.handle({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}},
-                             session_id, collector, collector)
+                             session_id, collector, lambda note: None)
     assert expects
     return collector.wait()
 
@@ -338,3 +340,117 @@ def test_chat_result_round_trip_keeps_box_sources_the_presence_check_and_the_kep
     assert older.boxes[1].source == "detection" and older.presence is None and not older.presence_overruled
     assert not older.presence_rescued
     assert older.closer_look.kept_round == 2
+
+
+# ------------------------------------------------------------------ neighbouring slices through the service
+@pytest.fixture
+def recording_service():
+    """make(neighbour_distance_mm) -> (a stdio Service whose engine runs a RecordingPipeline, that pipeline)."""
+    services = []
+
+    def make(neighbour_distance_mm):
+        pipeline = RecordingPipeline(neighbour_distance_mm)
+        services.append(Service(ready_engine(pipeline), registry, "stdio"))
+        return services[-1], pipeline
+
+    yield make
+    for service in services:
+        service.close()
+
+
+def _oblique_ijk_to_ras(spacing=(0.7, 0.7, 2.5), degrees=60.0):
+    """IJK -> RAS tilted about I: K's column norm is its spacing, its S entry is not (2.5 mm vs 1.25 mm)."""
+    angle = np.deg2rad(degrees)
+    rotation = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(angle), -np.sin(angle)], [0.0, np.sin(angle), np.cos(angle)]])
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation @ np.diag(spacing)
+    return matrix
+
+
+def test_spacing_along_k_is_the_norm_of_the_matrix_column():
+    from CTReasonerLib.client import geometry
+
+    np.testing.assert_allclose(geometry.ijk_spacing(_oblique_ijk_to_ras()), [0.7, 0.7, 2.5])
+
+
+@pytest.mark.parametrize("distance", [5.0, None])
+def test_initialize_and_ping_advertise_the_models_neighbour_distance(recording_service, distance):
+    service, _ = recording_service(distance)
+    info = _call(service, "initialize", {"protocol_version": PROTOCOL_VERSION})["result"]
+    assert "neighbour_distance_mm" in info["model"] and info["model"]["neighbour_distance_mm"] == distance
+    assert _call(service, "ping")["result"]["model"]["neighbour_distance_mm"] == distance
+
+
+def test_chat_and_closer_look_give_the_model_the_neighbours_sent_with_the_image(recording_service):
+    service, pipeline = recording_service(5.0)
+    image = (np.arange(16 * 16).reshape(16, 16) % 50).astype(np.int16)
+    neighbours = np.stack([image - 100, image + 100])
+    other = np.stack([image + 7, image - 7])
+
+    def upload(**extra):
+        return _call(service, "set_image", {"image": encode_array(image), **extra})["result"]["image_id"]
+
+    plain, with_neighbours = upload(), upload(neighbours=encode_array(neighbours))
+    with_other = upload(neighbours=encode_array(other))
+    assert len({plain, with_neighbours, with_other}) == 3          # other neighbours: another image
+    assert upload(neighbours=encode_array(neighbours.astype(np.float32))) == with_neighbours
+    for image_id in (with_neighbours, with_other, plain):
+        assert "result" in _call(service, "chat", {"image_id": image_id, "message": "segment the liver"})
+    # the same turn on the same pixels ran once per set of neighbours (not from the result cache), with them
+    received = [sent for method, _, sent in pipeline.calls if method == "chat"]
+    assert len(received) == 3 and received[2] is None
+    assert np.array_equal(received[0], neighbours) and np.array_equal(received[1], other)
+    assert "result" in _call(service, "closer_look", {"image_id": with_neighbours, "organ": "liver"})
+    method, _, sent = pipeline.calls[-1]
+    assert method == "closer_look" and np.array_equal(sent, neighbours)
+
+
+@pytest.mark.parametrize("payload, needle", [
+    (encode_array(np.zeros((3, 16, 16), np.int16)), "'neighbours' has shape [3, 16, 16]"),
+    (encode_array(np.zeros((2, 16, 12), np.int16)), "needs [2, 16, 16]"),
+    (encode_array(np.zeros((16, 16), np.int16)), "expected a 3-D array"),
+    (encode_array(np.zeros((2, 16, 16), np.uint8)), "dtype 'uint8' is not accepted"),
+    ([1, 2], "'neighbours' must be an object"),
+])
+def test_set_image_refuses_neighbours_that_do_not_fit_the_image(recording_service, payload, needle):
+    service, pipeline = recording_service(5.0)
+    error = _call(service, "set_image", {"image": encode_array(np.zeros((16, 16), np.int16)),
+                                         "neighbours": payload})["error"]
+    assert error["code"] == ErrorCode.INVALID_PARAMS and needle in error["message"], error
+    assert "Traceback" not in json.dumps(error)
+    if "needs" in needle:
+        assert "below" in error["message"] and "or none" in error["data"]["hint"]
+
+
+@pytest.mark.parametrize("distance, offset", [(5.0, 2), (None, None)])
+def test_propagate_over_a_volume_reads_each_slices_neighbours_from_the_volume(recording_service, distance, offset):
+    service, pipeline = recording_service(distance)
+    volume = np.stack([np.full((16, 16), 10 * k, np.int16) for k in range(6)])     # slice k holds 10 k HU
+    volume_id = _call(service, "set_volume", {"volume": encode_array(volume),
+                                              "geometry": {"ijk_to_ras": _oblique_ijk_to_ras().tolist()}})
+    result = _call(service, "propagate", {"volume_id": volume_id["result"]["volume_id"], "seed_k": 2,
+                                          "organ": "liver"})["result"]
+    assert [entry["k"] for entry in result["slices"]] == [0, 1, 2, 3, 4, 5]
+    asked = {int(pixels[0, 0]) // 10: sent for method, pixels, sent in pipeline.calls}
+    assert sorted(asked) == [0, 1, 2, 3, 4, 5]
+    for k, sent in asked.items():
+        if offset is None:
+            assert sent is None, k                              # a model without neighbours gets none
+        else:                                                    # 5 mm / 2.5 mm: two slices off, clamped
+            assert np.array_equal(sent, volume[[max(k - offset, 0), min(k + offset, 5)]]), k
+
+
+def test_propagate_over_uploaded_slices_gives_each_its_own_neighbours(recording_service):
+    service, pipeline = recording_service(5.0)
+    image_ids, sent_with = [], {}
+    for index in range(3):
+        image = np.full((16, 16), 10 * index, np.int16)
+        sent_with[index] = np.stack([image - 1000, image + 1000])
+        uploaded = _call(service, "set_image", {"image": encode_array(image), "geometry": {"k": 4 + index},
+                                                "neighbours": encode_array(sent_with[index])})
+        image_ids.append(uploaded["result"]["image_id"])
+    result = _call(service, "propagate", {"image_ids": image_ids, "seed_k": 5, "organ": "liver"})["result"]
+    assert [entry["k"] for entry in result["slices"]] == [4, 5, 6]
+    assert len(pipeline.calls) == 3
+    for _, pixels, sent in pipeline.calls:
+        assert np.array_equal(sent, sent_with[int(pixels[0, 0]) // 10])

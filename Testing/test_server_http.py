@@ -100,6 +100,7 @@ def test_handshake_and_every_slice_method(client):
     info = client.server_info
     assert info["transport"] == "http" and info["session_id"]
     assert info["model"]["segmenter"] and info["model"]["device"] == "cpu"
+    assert info["model"]["neighbour_distance_mm"] is None and client.neighbour_distance_mm is None
     image_id = client.set_image(phantom_slice(48), k=3)
     reply = client.chat(image_id, "segment the spleen")
     assert all(m.mask.shape == (48, 48) for m in reply.result.masks)
@@ -248,7 +249,10 @@ def test_session_cap(server, token_file):
 
 
 def test_lost_session_is_renewed_and_the_image_re_sent(server, token_file, client):
-    image_id = client.set_image(phantom_slice(48, seed=3), k=0)
+    # with its neighbours: re-sent without them it would be another image, and the refine below would fail
+    neighbours = phantom_stack(2, 48, first_seed=40)
+    image_id = client.set_image(phantom_slice(48, seed=3), k=0, neighbours=neighbours)
+    assert image_id != client.set_image(phantom_slice(48, seed=3), k=0)
     old_session = client.server_info["session_id"]
     # The server forgets the session (as after the idle timeout or a restart).
     post(server, rpc("shutdown"), token=read_token(token_file), session=old_session)

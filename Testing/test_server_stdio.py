@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from CTReasonerLib.client import CallCancelledError, ErrorCode, ServerError, encode_array, encode_mask
+from CTReasonerLib.client import (CallCancelledError, ErrorCode, PayloadError, ServerError, encode_array,
+                                  encode_mask)
 from CTReasonerLib.client.spec import PROTOCOL_VERSION
 from fixtures_server import (MODEL_ARGS, REPO, SERVE, SERVER_ENV, STARTUP_TIMEOUT_S, phantom_slice, phantom_stack,
                              stdio_client, wait_until)
@@ -40,6 +41,9 @@ def test_handshake_describes_model_and_capabilities(client):
     for key in ("model_id", "backbone", "segmenter", "device", "dtype"):
         assert model[key], key
     assert model["device"] == "cpu" and model["dtype"] == "float32"
+    # the tiny model has no pixel network: it reads no neighbouring slices, so clients send none
+    assert "neighbour_distance_mm" in model and model["neighbour_distance_mm"] is None
+    assert client.neighbour_distance_mm is None
     assert set(info["capabilities"]["methods"]) >= {"initialize", "set_image", "chat", "refine", "closer_look",
                                                     "propagate", "cancel", "ping", "shutdown"}
     assert client.ping()["model_state"] == "ready"
@@ -150,6 +154,23 @@ def test_cancel_a_queued_call_is_answered_at_once(client):
     with pytest.raises(CallCancelledError):
         queued.result(timeout=5)        # well before the running chat would have let it start
     assert running.result(timeout=120).result is not None
+
+
+def test_neighbours_make_another_image_and_a_wrong_shape_is_refused(client, image_id):
+    slice_ = phantom_slice(64)
+    matrix = np.diag([0.8, 0.8, 2.5, 1.0])
+    neighbours = np.stack([phantom_slice(64, seed=20), phantom_slice(64, seed=21)])
+    with_neighbours = client.set_image(slice_, ijk_to_ras=matrix, k=7, neighbours=neighbours)
+    assert with_neighbours != image_id                    # the same pixels with neighbours are another image
+    assert client.set_image(slice_, ijk_to_ras=matrix, k=7, neighbours=neighbours.astype(np.float32)) == with_neighbours
+    assert client.chat(with_neighbours, "segment the liver", closer_look=False).geometry.k == 7
+    with pytest.raises(PayloadError, match=r"shape \[2, 64, 64\]"):      # refused before sending
+        client.set_image(slice_, k=7, neighbours=neighbours[:, :32])
+    with pytest.raises(ServerError) as caught:             # a raw request is refused by the server
+        client.call("set_image", {"image": encode_array(slice_), "neighbours": encode_array(neighbours[:1])})
+    assert caught.value.code == ErrorCode.INVALID_PARAMS
+    assert "'neighbours' has shape [1, 64, 64]" in caught.value.message
+    assert "or none" in caught.value.hint and client.ping()["model_state"] == "ready"
 
 
 def test_unknown_image_and_empty_query_leave_the_server_usable(client, image_id):

@@ -34,17 +34,19 @@ HU_RANGES = {"liver": (80, 120), "spleen": (180, 220)}
 class ThresholdBackend:
     """Answers like the server does, from the pixels it received: organ mask = pixels in the organ's HU range."""
 
-    def __init__(self):
-        self.server_info = {"protocol_version": "1.0", "server_version": "0.1.0",
+    def __init__(self, neighbour_distance_mm=None):
+        self.server_info = {"protocol_version": "1.1", "server_version": "0.1.0",
                             "model": {"name": "threshold-test-backend", "device": "cpu", "dtype": "float32"}}
-        self.images, self.geometries, self.volumes = {}, {}, {}
+        self.neighbour_distance_mm = neighbour_distance_mm   # as the client reads it from the server's model
+        self.images, self.geometries, self.volumes, self.neighbours = {}, {}, {}, {}
         self.calls, self.cancelled = [], []
         self.closed = False
 
     # -- uploads
-    def set_image(self, hu_slice, ijk_to_ras=None, k=0, window=None, job_id=None, timeout=None):
+    def set_image(self, hu_slice, ijk_to_ras=None, k=0, window=None, job_id=None, timeout=None, neighbours=None):
         image_id = f"img{len(self.images)}"
         self.images[image_id] = np.array(hu_slice)
+        self.neighbours[image_id] = None if neighbours is None else np.array(neighbours)
         self.geometries[image_id] = SliceGeometry(ijk_to_ras, k, hu_slice.shape)
         self.calls.append(("set_image", k))
         return image_id
@@ -189,6 +191,43 @@ def test_process_without_slice_finds_every_slice_with_the_organ(slicer_scene, lo
     assert "Found on 4 of 6 slices (1-4)" in outcome.text
     names = [slicer_scene.GetNodeByID(i).GetName() for i in outcome.applied.closer_look_roi_ids]
     assert names == [f"liver closer look (slice {k})" for k in (1, 2, 3, 4)]
+
+
+def _sent_neighbours(backend, k):
+    """The neighbours sent with each upload of slice k, oldest first."""
+    return [backend.neighbours[i] for i, geometry in backend.geometries.items() if geometry.k == k]
+
+
+def test_uploads_carry_each_slices_neighbours_from_the_whole_volume(slicer_scene):
+    # 6 mm over the K spacing of 2.5 mm: 2 slices off. The volume is oblique and transformed: K's column in world
+    # has norm 2.5 but an S entry of 2.1 mm, which would give 3 slices.
+    logic = SceneLogic(client=ThresholdBackend(neighbour_distance_mm=6.0))
+    backend = logic.client
+    volume, array = phantom_volume()
+    logic.process(volume, "segment the liver", sliceIndex=0, closerLook=False)   # one-slice snapshots
+    logic.process(volume, "segment the liver", sliceIndex=5, closerLook=False)
+    assert np.array_equal(_sent_neighbours(backend, 0)[0], array[[0, 2]])        # clamped below the first
+    assert np.array_equal(_sent_neighbours(backend, 5)[0], array[[3, 5]])        # and above the last
+    logic.process(volume, "segment the spleen", sliceIndex=None, closerLook=False)   # a whole-volume snapshot
+    for k in range(6):
+        for sent in _sent_neighbours(backend, k):
+            assert np.array_equal(sent, array[[max(k - 2, 0), min(k + 2, 5)]]), k
+    assert [c[1] for c in backend.calls if c[0] == "set_image"] == [0, 5, 1, 2, 3, 4]   # 0 and 5 from the cache
+    logic.closerLook(volume, sliceIndex=3, organ="spleen")
+    logic.refine(volume, includePointsNode=place_points(volume, "p", [(8, 9, 3)]), sliceIndex=3, organ="spleen")
+    assert len(_sent_neighbours(backend, 3)) == 1       # the same image (and id) as the chat's, with its neighbours
+
+
+def test_no_neighbours_are_sent_when_the_model_reads_none(slicer_scene, logic):
+    logic, backend = logic
+    volume, array = phantom_volume()
+    logic.process(volume, "segment the liver", sliceIndex=2, closerLook=False)
+    logic.process(volume, "segment the liver", sliceIndex=None, closerLook=False, conflictPolicy="replace")
+    assert set(backend.neighbours.values()) == {None} and len(backend.neighbours) == 6
+    backend.neighbour_distance_mm = 2.5       # e.g. reconnected to a model that reads them: one slice off
+    logic.process(volume, "segment the spleen", sliceIndex=2, closerLook=False)
+    first, second = _sent_neighbours(backend, 2)       # not the upload cached without them
+    assert first is None and np.array_equal(second, array[[1, 3]])
 
 
 def test_detection_query_draws_named_box_rois(slicer_scene, logic):

@@ -72,6 +72,8 @@ def test_shipped_configs_load():
     # map into its masks, and with that round 2 is the better choice (stage 10)
     assert tiny_model.closer_look.keep == "better" and tiny_model.pixel_mask_weight is None
     assert shipped.closer_look.keep == "last" and shipped.pixel_mask_weight == 0.6   # stage 14
+    # stage 15: its pixel network reads the slices 3 mm either side
+    assert shipped.pixel_presence.neighbours and shipped.pixel_presence.neighbour_distance_mm == 3.0
     finetune = load_train_config(str(REPO / "configs" / "tiny_cpu_finetune.yaml"))
     assert finetune.model.source == "pretrained" and finetune.data.records_per_slice > 1
     assert finetune.run.max_minutes <= 85
@@ -621,3 +623,61 @@ def test_fit_presence_pixels_adds_a_pixel_network_that_the_gate_reads(tmp_path, 
         assert cli_main(["fit-presence", argv[0], str(tiny_dataset), "--out", str(tmp_path / "refused"), *argv[1:],
                          "--device", "cpu", "--no-progress"]) != 0
         assert message in capsys.readouterr().err
+
+
+def test_fit_presence_neighbours_widens_the_pixel_network_and_the_pipeline_reads_the_slices_either_side(
+        tmp_path, tiny_dataset, monkeypatch, capsys):
+    """--neighbours: a network without them is widened (9 input channels) and trained on; chat and the pixel map
+    then depend on the neighbours sent; wrong neighbours and datasets that lack them are refused by name."""
+    import shutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from CTReasonerLib.cli import main as cli_main
+    from CTReasonerLib.data.dataset import CuratedDataset
+    from CTReasonerLib.model.ctreasoner import CTReasonerModel
+    from CTReasonerLib.model.inference import CTReasonerPipeline
+
+    source, _ = _saved_untrained_model(tmp_path)
+    flat, wide = tmp_path / "flat", tmp_path / "wide"
+    common = ["--epochs", "3", "--batch-size", "4", "--lr", "3e-3", "--device", "cpu", "--no-progress"]
+    assert cli_main(["fit-presence", str(source), str(tiny_dataset), "--out", str(flat), "--head", "pixels", *common]) == 0
+    assert cli_main(["fit-presence", str(flat), str(tiny_dataset), "--out", str(wide), "--head", "pixels", "--continue",
+                     "--neighbours", *common]) == 0
+    first, widened = (json.loads((folder / "pixel_presence_fit.json").read_text()) for folder in (flat, wide))
+    assert widened["pixel_presence"]["neighbours"] and widened["continued"]
+    assert widened["loss_per_epoch"][0] < first["loss_per_epoch"][0]       # it starts from what the first fit learnt
+    model = CTReasonerModel.from_pretrained(str(wide), device="cpu")
+    assert model.pixel_presence_net.unet.conv_0.conv_0.conv.weight.shape[1] == 9
+
+    sample = next(s for s in CuratedDataset(str(tiny_dataset), "train") if s.task == "seg")
+    pipeline = CTReasonerPipeline(model)
+    with_them = pipeline.pixel_organ_logits(sample.image_hu, sample.organ, neighbours_hu=sample.neighbours_hu)
+    without = pipeline.pixel_organ_logits(sample.image_hu, sample.organ)
+    assert with_them.shape == sample.image_hu.shape and np.abs(with_them - without).max() > 1e-3
+    result = pipeline.chat(sample.image_hu, sample.turns[0]["query"], neighbours_hu=sample.neighbours_hu)
+    assert result.text
+    with pytest.raises(InputFileError, match="neighbouring slices have shape"):
+        pipeline.chat(sample.image_hu, "segment the liver", neighbours_hu=sample.neighbours_hu[:1])
+    nan = sample.neighbours_hu.astype(np.float32)
+    nan[0, 0, 0] = np.nan
+    with pytest.raises(InputFileError, match="NaN"):
+        pipeline.chat(sample.image_hu, "segment the liver", neighbours_hu=nan)
+
+    # a dataset curated before neighbours were stored is refused by name; so are --neighbours on the image head
+    # and a continued fit that would drop them
+    old = tmp_path / "old-dataset"
+    shutil.copytree(tiny_dataset, old)
+    for npz in (old / "slices").glob("*.npz"):
+        arrays = dict(np.load(npz))
+        arrays.pop("neighbours")
+        np.savez_compressed(npz, **arrays)
+    assert CuratedDataset(str(old), "train")[0].neighbours_hu is None
+    for argv, message in [([str(flat), str(old), "--head", "pixels", "--continue", "--neighbours"], "stores no neighbouring"),
+                          ([str(flat), str(tiny_dataset), "--neighbours"], "add --head pixels")]:
+        assert cli_main(["fit-presence", *argv, "--out", str(tmp_path / "refused"), *common]) != 0
+        assert message in capsys.readouterr().err
+    from CTReasonerLib.model.pixel_presence import PixelPresenceConfig
+    from CTReasonerLib.train.pixel_presence_fit import _config_to_continue
+    with pytest.raises(ConfigError, match="keeps them"):
+        _config_to_continue(model, PixelPresenceConfig(image_size=model.config.pixel_presence.image_size,
+                                                       features=model.config.pixel_presence.features))

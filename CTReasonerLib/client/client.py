@@ -225,6 +225,14 @@ class CTReasonerClient:
     def connected(self) -> bool:
         return self._transport is not None and self._transport.alive and bool(self.server_info)
 
+    @property
+    def neighbour_distance_mm(self) -> Optional[float]:
+        """How far either side of a slice the server's model reads its neighbours (``set_image(neighbours=...)``),
+        in mm; None when it reads none or its model has not loaded yet (``connect`` waits for it)."""
+        model = self.server_info.get("model")
+        distance = model.get("neighbour_distance_mm") if isinstance(model, dict) else None
+        return None if distance is None else float(distance)
+
     def connect(self, wait_for_model: bool = True) -> Dict[str, Any]:
         """Start/reach the server and shake hands. Returns the ``initialize`` result.
 
@@ -549,11 +557,18 @@ class CTReasonerClient:
 
     def set_image(self, hu_slice: np.ndarray, ijk_to_ras: Optional[np.ndarray] = None, k: int = 0,
                   window: Optional[Tuple[float, float]] = None, job_id: Optional[str] = None,
-                  timeout: Optional[float] = None) -> str:
-        """Upload one (H, W) slice in HU (int16, or float32). Returns its image id (a content hash)."""
+                  timeout: Optional[float] = None, neighbours: Optional[np.ndarray] = None) -> str:
+        """Upload one (H, W) slice in HU (int16, or float32). Returns its image id (a content hash).
+
+        neighbours: (2, H, W) HU of the slices ``neighbour_distance_mm`` below and above it (the volume's
+        ``k - offset`` and ``k + offset``, clamped to the volume: ``geometry.neighbour_slices``), for a model
+        that reads them; leave None when ``neighbour_distance_mm`` is None.
+        """
         pixels = _as_wire_pixels(hu_slice, ndim=2, name="hu_slice")
         geometry = SliceGeometry(np.eye(4) if ijk_to_ras is None else ijk_to_ras, k, pixels.shape)
         params: Dict[str, Any] = {"image": encode_array(pixels), "geometry": geometry.to_wire()}
+        if neighbours is not None:
+            params["neighbours"] = encode_array(_wire_neighbours(neighbours, pixels.shape))
         image_id = self._upload("set_image", "image_id", params, window, job_id, timeout)
         self._geometries[image_id] = geometry
         return image_id
@@ -688,6 +703,15 @@ def _as_wire_pixels(array: np.ndarray, ndim: int, name: str) -> np.ndarray:
             raise PayloadError(f"{name} values {array.min()}..{array.max()} do not fit in int16 HU")
         return array.astype(np.int16)
     raise PayloadError(f"{name} has dtype {array.dtype}; send int16 HU or float32")
+
+
+def _wire_neighbours(neighbours: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
+    """(2, H, W) HU of the slices either side of an (H, W) slice, in a dtype the wire accepts."""
+    neighbours = np.asarray(neighbours)
+    if neighbours.shape != (2,) + tuple(shape):
+        raise PayloadError(f"neighbours must have shape {[2, *shape]} (the slice below, then the one above), "
+                           f"got {list(neighbours.shape)}", "take them with geometry.neighbour_slices, uncropped")
+    return _as_wire_pixels(neighbours, ndim=3, name="neighbours")
 
 
 def decode_mask_entry(entry: dict, shape: Tuple[int, int]) -> MaskPrediction:

@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from ..errors import ConfigError
 from .encoding import PayloadError
 
 
@@ -30,7 +31,7 @@ class SliceGeometry:
     @property
     def spacing(self) -> np.ndarray:
         """(3,) mm along I, J, K (column norms of the matrix)."""
-        return np.linalg.norm(self.ijk_to_ras[:3, :3], axis=0)
+        return ijk_spacing(self.ijk_to_ras)
 
     def pixel_to_ras(self, xy: np.ndarray) -> np.ndarray:
         """(N, 2) pixel (x, y) -> (N, 3) RAS mm on this slice."""
@@ -57,3 +58,35 @@ class SliceGeometry:
         if not isinstance(k, int) or isinstance(k, bool):
             raise PayloadError(f"geometry.k must be an integer slice index, got {k!r}")
         return cls(matrix, k, shape)
+
+
+def ijk_spacing(ijk_to_ras: np.ndarray) -> np.ndarray:
+    """(3,) mm along I, J, K of a volume with this (4, 4) IJK -> RAS matrix: the norms of its columns."""
+    return np.linalg.norm(np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3], axis=0)
+
+
+# The slices either side that the pixel network reads live here rather than in CTReasonerLib.io.slices (which
+# re-exports them) because the Slicer side ships this package without CTReasonerLib.io.
+
+#: how far either side of a slice its neighbours are taken, in mm (the phantoms' slices are 2.5-4 mm apart)
+NEIGHBOUR_DISTANCE_MM = 3.0
+
+
+def neighbour_offset(slice_spacing_mm: float, distance_mm: float = NEIGHBOUR_DISTANCE_MM) -> int:
+    """Slices between a slice and each neighbour: the nearest whole number to ``distance_mm`` / spacing, at
+    least 1 (a 0.6 mm series looks 5 slices away, a 3 mm one 1, so the neighbours sit about as far off)."""
+    spacing = abs(float(slice_spacing_mm))
+    if not spacing > 0 or not np.isfinite(spacing):
+        raise ConfigError(f"the slice spacing must be a positive number of mm, got {slice_spacing_mm}",
+                          "fix the volume's spacing")
+    return max(1, int(round(float(distance_mm) / spacing)))
+
+
+def neighbour_slices(array_kji: np.ndarray, k: int, offset: int) -> np.ndarray:
+    """(K, J, I) voxels, slice ``k`` -> (2, J, I): slices ``k - offset`` and ``k + offset``, each clamped to
+    the volume (at its first and last slice a neighbour is the slice itself, which the network reads as
+    "nothing known on that side": it is trained with such copies)."""
+    last = array_kji.shape[0] - 1
+    if not 0 <= int(k) <= last:
+        raise ValueError(f"slice index {k} is outside 0..{last}")
+    return np.stack([array_kji[max(int(k) - offset, 0)], array_kji[min(int(k) + offset, last)]])

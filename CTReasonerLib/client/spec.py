@@ -9,7 +9,7 @@ from enum import IntEnum
 from typing import Tuple
 
 # MAJOR changes break compatibility (client and server refuse each other); MINOR adds optional fields/methods.
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"
 
 SESSION_HEADER = "X-CTReasoner-Session"
 PROGRESS_NOTIFICATION = "progress"

@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 8 16 32 64 128 8)")
     parser.add_argument("--pixel-top-k", type=int, metavar="K",
                         help="--head pixels: an organ's presence is the mean of its K most probable pixels (default 4)")
+    parser.add_argument("--neighbours", action="store_true",
+                        help="--head pixels: the network also sees the slices either side (the dataset must store "
+                             "them: curated by this version); with --continue, a network without them is widened")
     parser.add_argument("--presence-weight", type=float, default=0.0, metavar="W",
                         help="--head pixels: add W x the BCE of the presence score (the gate's question) to the "
                              "segmentation loss (default 0: segmentation only)")
@@ -95,6 +98,8 @@ def fit_presence_folder(args):
         raise ConfigError(f"--gate must be a probability in [0, 1], got {args.gate}")
     if args.continue_fit and args.head != "pixels":
         raise ConfigError("--continue trains a pixel network further", "add --head pixels, or leave --continue out")
+    if args.neighbours and args.head != "pixels":
+        raise ConfigError("--neighbours gives the pixel network the slices either side", "add --head pixels")
     if args.presence_weight and args.head != "pixels":
         raise ConfigError("--presence-weight weighs a pixel network's presence loss",
                           "add --head pixels (the image head's loss is the presence BCE already), or leave it out")
@@ -103,7 +108,8 @@ def fit_presence_folder(args):
     presence_from = args.presence_from or args.head
     sources = presence_sources(presence_from)
     pixel_sizes = {name: value for name, value in (("image_size", args.pixel_size), ("features", args.pixel_features),
-                                                   ("top_k", args.pixel_top_k)) if value is not None}
+                                                   ("top_k", args.pixel_top_k),
+                                                   ("neighbours", True if args.neighbours else None)) if value is not None}
     PixelPresenceConfig(**pixel_sizes).validate()
     load_dataset_info(args.dataset)
     defaults = FIT_DEFAULTS[args.head]

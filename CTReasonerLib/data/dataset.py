@@ -83,6 +83,13 @@ class Sample:
         return self._slices.arrays(self.subject)["image"][self.slice_pos]
 
     @property
+    def neighbours_hu(self) -> Optional[np.ndarray]:
+        """(2, H, W) int16 HU of the slices either side (below, above in K), or None for a dataset curated
+        without them (before they were stored)."""
+        neighbours = self._slices.arrays(self.subject).get("neighbours")
+        return None if neighbours is None else neighbours[self.slice_pos]
+
+    @property
     def labels(self) -> np.ndarray:
         """(H, W) uint8 organ labels of the whole slice."""
         return self._slices.arrays(self.subject)["labels"][self.slice_pos]

@@ -104,11 +104,13 @@ def evaluate_sample(pipeline, sample, metrics: SegmentationMetrics, settings: Ev
     """Run the chat turn(s) for one record and score them."""
     start = time.perf_counter()
     image = sample.image_hu
+    neighbours = getattr(sample, "neighbours_hu", None)
     query = sample.turns[0]["query"]
     history = [(turn["query"], turn["answer"]) for turn in getattr(sample, "history", ())]
     # Absent targets phrased as seg queries get the same request: the model must not know the answer.
     want_closer = sample.query_task == "seg"
-    result = pipeline.chat(image, query, history, closer_look=want_closer, score_threshold=settings.ap_score_floor)
+    result = pipeline.chat(image, query, history, closer_look=want_closer, score_threshold=settings.ap_score_floor,
+                           neighbours_hu=neighbours)
     shown_boxes = [b for b in result.boxes if b.score >= pipeline.config.detection.score_threshold]
     outcome = SampleOutcome(id=sample.id, organ=sample.organ, task=sample.task, query_task=sample.query_task,
                             routing_tokens=list(result.routing_tokens),
@@ -128,7 +130,8 @@ def evaluate_sample(pipeline, sample, metrics: SegmentationMetrics, settings: Ev
         outcome.scores = asdict(metrics(mask, target, tuple(sample.spacing)))
         if settings.closer_ablation:
             if result.closer_look.ran:  # the round-1 mask of the same turn, or the same turn without round 2
-                round1 = final_masks(result, 1) or final_masks(pipeline.chat(image, query, history, closer_look=False))
+                round1 = final_masks(result, 1) or final_masks(pipeline.chat(image, query, history, closer_look=False,
+                                                                               neighbours_hu=neighbours))
             else:
                 round1 = final_masks(result)
             round1_mask, _ = union_mask(round1, shape)
@@ -142,7 +145,7 @@ def evaluate_sample(pipeline, sample, metrics: SegmentationMetrics, settings: Ev
         if pipeline.config.detection.box_source != "detection" and result.boxes:
             # fused boxes: the detection branch alone, for Table 7 (same greedy answer, no mask pass)
             branch = pipeline.chat(image, query, history, closer_look=False, score_threshold=settings.ap_score_floor,
-                                   return_probabilities=False, box_source="detection")
+                                   return_probabilities=False, box_source="detection", neighbours_hu=neighbours)
             outcome.detection_branch_boxes = _scored_boxes(branch.boxes)
     outcome.seconds = time.perf_counter() - start
     return outcome

@@ -38,7 +38,8 @@ def _record_scores(pipeline, sample, weights: Sequence[float]) -> Dict[str, List
     scores: Dict[str, List[float]] = {rule: [] for rule in KEEP_RULES}
     for weight in weights:
         pipeline.config.pixel_mask_weight = weight or None
-        result = pipeline.chat(sample.image_hu, sample.turns[0]["query"], history, closer_look=True)
+        result = pipeline.chat(sample.image_hu, sample.turns[0]["query"], history, closer_look=True,
+                               neighbours_hu=getattr(sample, "neighbours_hu", None))
         first, second = final_masks(result, 1), final_masks(result, 2)
         kept = {"last": second or first,
                 "better": first if round_one_rated_higher([m.score for m in first], [m.score for m in second])

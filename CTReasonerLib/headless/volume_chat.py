@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import ConfigError, CTReasonerError, ModelError
-from ..io.slices import extract_axial_slice
+from ..io.slices import AxialSlice, extract_axial_slice, neighbour_offset, neighbour_slices
 from ..io.volume import Volume
 from ..organs import get_organ
 from ..results import BoxPrediction, ChatResult, MaskPrediction
@@ -217,18 +217,23 @@ def chat_volume(pipeline, volume: Volume, turns: Sequence[ChatTurn], slices: Seq
     """Run ``turns`` on each axial slice ``k`` in ``slices`` (in order) and collect the answers.
 
     pipeline: anything with ``chat(image_hu (H, W), query, history, closer_look=...) -> ChatResult`` whose
-    masks are (H, W) bool in the slice's pixel frame.
+    masks are (H, W) bool in the slice's pixel frame; one whose ``neighbour_distance_mm`` is not None also gets
+    ``neighbours_hu`` (see ``slice_neighbours``).
     on_slice: called after each slice (progress reporting).
     """
     turns = check_turns(turns)
     outcome = VolumeChat(volume=volume, turns=turns)
     for k in slices:
-        pixels = extract_axial_slice(volume, k).pixels
+        axial = extract_axial_slice(volume, k)
+        neighbours = slice_neighbours(pipeline, volume, axial)
+        # a pipeline that reads no neighbours gets no such argument (stand-ins need not know it)
+        context = {} if neighbours is None else {"neighbours_hu": neighbours}
         history: List[Tuple[str, str]] = []
         results = []
         started = time.perf_counter()
         for turn in turns:
-            result = pipeline.chat(pixels, turn.query, history=list(history), closer_look=turn.closer_look)
+            result = pipeline.chat(axial.pixels, turn.query, history=list(history), closer_look=turn.closer_look,
+                                   **context)
             results.append(result)
             history.extend(result.history_turns(turn.query))
         slice_chat = SliceChat(k=int(k), results=results, seconds=time.perf_counter() - started)
@@ -237,6 +242,15 @@ def chat_volume(pipeline, volume: Volume, turns: Sequence[ChatTurn], slices: Seq
         if on_slice is not None:
             on_slice(slice_chat)
     return outcome
+
+
+def slice_neighbours(pipeline, volume: Volume, axial: AxialSlice) -> Optional[np.ndarray]:
+    """(2, J, I) HU of the slices about the pipeline's ``neighbour_distance_mm`` below and above ``axial`` (clamped
+    to the volume), as the evaluation sends them; None when the pipeline's pixel network reads no neighbours."""
+    distance = getattr(pipeline, "neighbour_distance_mm", None)
+    if distance is None:
+        return None
+    return neighbour_slices(volume.array, axial.k, neighbour_offset(axial.slice_spacing, distance))
 
 
 def read_axial_volume(source: str, series_uid: Optional[str] = None) -> Volume:

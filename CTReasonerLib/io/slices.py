@@ -17,6 +17,7 @@ from typing import Sequence, Tuple
 import numpy as np
 
 from ..errors import ConfigError
+from ..client.geometry import NEIGHBOUR_DISTANCE_MM, neighbour_offset, neighbour_slices  # noqa: F401 (re-exported)
 from .volume import Volume, ijk_to_ras_points, ras_to_ijk_points
 
 AXIS_NAMES = "IJK"
@@ -106,3 +107,4 @@ def place_slice_mask(mask2d: np.ndarray, k: int, volume_shape: Sequence[int]) ->
     volume_mask = np.zeros(volume_shape, dtype=bool)
     volume_mask[int(k)] = mask2d.astype(bool)
     return volume_mask
+

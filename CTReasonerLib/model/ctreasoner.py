@@ -209,6 +209,10 @@ class CTReasonerModel(nn.Module):
         transform = ResizeToSquare(tuple(channels.shape[-2:]), self.config.segmenter.image_size)
         return transform.image(channels), transform, channels
 
+    def neighbour_input(self, neighbours_hu) -> torch.Tensor:
+        """(2, H, W) HU of the slices either side -> (2, 3, S, S) model-frame images (the pixel network's context)."""
+        return torch.stack([self.slice_input(np.asarray(hu))[0] for hu in neighbours_hu])
+
     # ---- training -----------------------------------------------------------------------------
     def collate(self, samples: Sequence) -> TrainingBatch:
         """Dataset samples (``CTReasonerLib.data.dataset.Sample``) -> one :class:`TrainingBatch` (CPU tensors)."""

@@ -57,6 +57,7 @@ class _Slice:
     transform: ResizeToSquare
     channels: torch.Tensor
     key: str
+    neighbours: Optional[torch.Tensor] = None   # (2, 3, S, S) the slices either side, for the pixel network
     pixel_probabilities: Optional[torch.Tensor] = None
     pixel_organ_logits: Dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -91,6 +92,13 @@ class CTReasonerPipeline:
         self._model_tag = f"ctreasoner-{id(model)}"
         self._transforms: "OrderedDict[str, ResizeToSquare]" = OrderedDict()
 
+    @property
+    def neighbour_distance_mm(self) -> Optional[float]:
+        """How far either side of a slice the model wants its neighbours (``chat(neighbours_hu=...)``), in mm;
+        None when its pixel network does not read them (sending them then changes nothing)."""
+        net = self.model.pixel_presence_net
+        return net.config.neighbour_distance_mm if net is not None and net.config.neighbours else None
+
     def _perception_precision(self):
         """Autocast for the perception heads when the model runs in bf16/fp16: segment-anything's positional
         encodings multiply fp32 coordinates by their (cast) buffers, which fails in a plain bf16 model.
@@ -107,7 +115,7 @@ class CTReasonerPipeline:
         return cls(CTReasonerModel.from_pretrained(directory, device=device, dtype=dtype), **kwargs)
 
     # ---- images ---------------------------------------------------------------------------------
-    def _prepare(self, image_hu) -> _Slice:
+    def _prepare(self, image_hu, neighbours_hu=None) -> _Slice:
         hu = np.asarray(image_hu)
         if hu.ndim != 2 or min(hu.shape) < 2:
             raise InputFileError(f"expected one 2-D CT slice (H, W), got an array of shape {hu.shape}",
@@ -119,7 +127,23 @@ class CTReasonerPipeline:
         self._transforms[key] = transform
         while len(self._transforms) > 256:
             self._transforms.popitem(last=False)
-        return _Slice(image, transform, channels, key)
+        return _Slice(image, transform, channels, key, neighbours=self._neighbour_input(hu, neighbours_hu))
+
+    def _neighbour_input(self, hu: np.ndarray, neighbours_hu) -> Optional[torch.Tensor]:
+        """(2, H, W) HU of the slices either side -> (2, 3, S, S), when the pixel network reads them (None otherwise)."""
+        if neighbours_hu is None:
+            return None
+        neighbours = np.asarray(neighbours_hu)
+        if neighbours.shape != (2,) + hu.shape:
+            raise InputFileError(f"the neighbouring slices have shape {neighbours.shape}; a slice of shape {hu.shape} "
+                                 f"needs {(2,) + hu.shape} (the slice below, then the one above)",
+                                 "send both neighbours at the slice's size, or none")
+        if not np.isfinite(neighbours).all():
+            raise InputFileError("the neighbouring slices hold NaN or infinite values", "send finite HU values")
+        net = self.model.pixel_presence_net
+        if net is None or not net.config.neighbours:
+            return None
+        return self.model.neighbour_input(neighbours)
 
     def _features(self, key: str, image: torch.Tensor):
         parameter = self.model.token_type_embedding.weight
@@ -141,14 +165,17 @@ class CTReasonerPipeline:
     @_inference
     def chat(self, image_hu, query: str, history: Sequence[Tuple[str, str]] = (), closer_look: Optional[bool] = None,
              score_threshold: Optional[float] = None, return_probabilities: bool = True,
-             box_source: Optional[str] = None) -> ChatResult:
+             box_source: Optional[str] = None, neighbours_hu=None) -> ChatResult:
         """One chat turn. ``closer_look``: True always runs round 2 on a segmented target, False never,
         None follows the model's [CLOSER] token or a request in ``query`` ("have a closer look").
         ``history``: the earlier (question, answer) turns, oldest first; after each turn append
         ``result.history_turns(query)`` (the model's own single-organ turns) to continue the dialogue. The
         LVLM sees the last ``max_history_turns`` of them (model config); "have a closer look" reads the last.
         ``box_source``: "detection" or "fused" for this turn's [DET] boxes; None = the model's
-        ``detection.box_source`` (see :class:`DetectionHeadConfig`)."""
+        ``detection.box_source`` (see :class:`DetectionHeadConfig`).
+        ``neighbours_hu``: (2, H, W) HU of the slices about ``pixel_presence.neighbour_distance_mm`` below and above
+        (``CTReasonerLib.io.slices.neighbour_slices``), for a pixel network that reads them; without them it
+        takes the slice itself in their place."""
         if not isinstance(query, str) or not query.strip():
             raise CTReasonerError("the question is empty", "type what you want to know about the slice")
         box_source = box_source or self.config.detection.box_source
@@ -159,7 +186,7 @@ class CTReasonerPipeline:
         timings: Dict[str, float] = {}
         with _timed(timings, "total"):
             with _timed(timings, "prepare"):
-                prepared = self._prepare(image_hu)
+                prepared = self._prepare(image_hu, neighbours_hu)
             with _timed(timings, "image_encoder"):
                 features = self._features(prepared.key, prepared.image)
             questions = [normalize_query(sub.text) for sub in split_compound_query(query)]
@@ -288,8 +315,10 @@ class CTReasonerPipeline:
         """The pixel network's (NUM_ORGANS + 1, s, s) map of ``prepared``, computed once per image however
         many questions and masks a turn holds."""
         if prepared.pixel_probabilities is None:
+            net = self.model.pixel_presence_net
             image = prepared.image[None].to(self.model.device)
-            prepared.pixel_probabilities = self.model.pixel_presence_net.probabilities(image)[0]
+            neighbours = None if prepared.neighbours is None else prepared.neighbours[None].to(image.device)
+            prepared.pixel_probabilities = net.probabilities(net.inputs(image, neighbours))[0]
         return prepared.pixel_probabilities
 
     def _pixel_organ_logits(self, prepared: _Slice, label: int) -> torch.Tensor:
@@ -315,9 +344,10 @@ class CTReasonerPipeline:
         return blend_mask_logits(logits, self._pixel_organ_logits(prepared, label).to(logits), weight)
 
     @_inference
-    def pixel_organ_logits(self, image_hu, organ: str) -> np.ndarray:
+    def pixel_organ_logits(self, image_hu, organ: str, neighbours_hu=None) -> np.ndarray:
         """(H, W) float32 logits of the model's pixel network for ``organ`` on a slice (what
-        ``pixel_mask_weight`` blends into masks). Raises when the model has no pixel network."""
+        ``pixel_mask_weight`` blends into masks), ``neighbours_hu`` as in ``chat``. Raises when the model has no
+        pixel network."""
         if self.model.pixel_presence_net is None:
             raise CTReasonerError("this model has no pixel network",
                                   "add one with `ctreasoner fit-presence MODEL DATASET --head pixels`")
@@ -325,7 +355,7 @@ class CTReasonerPipeline:
             label = get_organ(organ).label
         except KeyError as error:
             raise CTReasonerError(error.args[0], "name one of the organs listed") from None
-        return self._pixel_organ_logits(self._prepare(image_hu), label).cpu().numpy()
+        return self._pixel_organ_logits(self._prepare(image_hu, neighbours_hu), label).cpu().numpy()
 
     def _generate(self, image: torch.Tensor, turns: List[Tuple[str, Optional[str]]], answer_prefix: Sequence[int] = ()):
         lvlm = self.model.lvlm
@@ -495,11 +525,12 @@ class CTReasonerPipeline:
 
     @_inference
     def closer_look(self, image_hu, roi_xyxy: Optional[np.ndarray] = None, mask: Optional[np.ndarray] = None,
-                    organ: Optional[str] = None, query: Optional[str] = None) -> ChatResult:
-        """Round 2 on its own: on ``roi_xyxy``, or on the ROI around ``mask`` (an earlier result), for ``organ``."""
+                    organ: Optional[str] = None, query: Optional[str] = None, neighbours_hu=None) -> ChatResult:
+        """Round 2 on its own: on ``roi_xyxy``, or on the ROI around ``mask`` (an earlier result), for ``organ``
+        (``neighbours_hu`` as in ``chat``)."""
         timings: Dict[str, float] = {}
         with _timed(timings, "total"):
-            prepared = self._prepare(image_hu)
+            prepared = self._prepare(image_hu, neighbours_hu)
             height, width = prepared.transform.original_hw
             if roi_xyxy is None and (mask is None or not np.asarray(mask).any()):
                 raise CTReasonerError("a closer look needs a region", "segment the organ first or draw an ROI")

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -37,6 +37,20 @@ class PropagationOutcome:
     organ: Optional[str]
     masks: Dict[int, Tuple[np.ndarray, float]] = field(default_factory=dict)
     stopped: str = "range_end"
+
+
+#: (stack index k) -> (2, H, W) HU of the slices either side of slice k for the model, or None (it reads none)
+NeighboursOf = Callable[[int], Optional[np.ndarray]]
+
+
+def pixel_digest(pixels: np.ndarray, neighbours: Optional[np.ndarray] = None):
+    """SHA-1 of HU pixels as float32 (equal values sent as int16 or float32 digest alike), and of the (2, H, W)
+    slices either side when given: the same slice with other neighbours is another input to the model."""
+    digest = hashlib.sha1(np.ascontiguousarray(pixels, dtype=np.float32).tobytes())
+    if neighbours is not None:
+        digest.update(b"neighbours")
+        digest.update(np.ascontiguousarray(neighbours, dtype=np.float32).tobytes())
+    return digest
 
 
 def propagation_order(seed: int, first: int, last: int, direction: str) -> List[List[int]]:
@@ -144,11 +158,20 @@ class Engine:
         }
 
     def describe(self) -> Dict[str, object]:
-        """{model_id, backbone, segmenter, device, dtype, ...}; only model_id until loaded."""
+        """{model_id, backbone, segmenter, device, dtype, neighbour_distance_mm, ...}; only model_id until loaded."""
         description = dict(self._description, state=self.state)
         if self.load_seconds is not None:
             description["load_seconds"] = round(self.load_seconds, 3)
+        if self.state == "ready":
+            description["neighbour_distance_mm"] = self.neighbour_distance_mm
         return description
+
+    @property
+    def neighbour_distance_mm(self) -> Optional[float]:
+        """How far either side of a slice the model reads its neighbours, in mm; None when it reads none (or
+        is not loaded): clients then send no neighbours."""
+        distance = getattr(self.pipeline, "neighbour_distance_mm", None)
+        return None if distance is None else float(distance)
 
     def require_ready(self) -> None:
         if self.state == "loading":
@@ -184,13 +207,14 @@ class Engine:
 
     def chat(self, pixels: np.ndarray, message: str, history: Sequence[Tuple[str, str]],
              closer_look: Optional[bool] = None, score_threshold: Optional[float] = None,
-             return_probabilities: bool = False, job=None) -> ChatResult:
-        """One chat turn. Generation is greedy, hence deterministic: the same turn on the same pixels is
-        answered from a small result cache (``timings_ms`` then says ``result_cache``)."""
+             return_probabilities: bool = False, job=None, neighbours: Optional[np.ndarray] = None) -> ChatResult:
+        """One chat turn on (H, W) HU ``pixels`` with the (2, H, W) ``neighbours`` either side, if sent.
+        Generation is greedy, hence deterministic: the same turn on the same pixels and neighbours is answered
+        from a small result cache (``timings_ms`` then says ``result_cache``)."""
         if job is not None:
             job.check_cancelled()
         started = time.perf_counter()
-        digest = hashlib.sha1(np.ascontiguousarray(pixels, dtype=np.float32).tobytes())
+        digest = pixel_digest(pixels, neighbours)
         digest.update(repr((pixels.shape, message, list(map(tuple, history)), closer_look, score_threshold,
                             return_probabilities)).encode())
         key = digest.hexdigest()
@@ -202,7 +226,8 @@ class Engine:
             return replace(cached, timings_ms={"result_cache": (time.perf_counter() - started) * 1000.0})
         with self._model_call("chat"):
             result = self.pipeline.chat(pixels, message, list(history), closer_look=closer_look,
-                                        score_threshold=score_threshold, return_probabilities=return_probabilities)
+                                        score_threshold=score_threshold, return_probabilities=return_probabilities,
+                                        neighbours_hu=neighbours)
         with self._results_lock:
             self._results[key] = result
             while len(self._results) > self.RESULTS_KEPT:
@@ -219,17 +244,20 @@ class Engine:
                                         mask_logits=mask_logits, organ=organ)
 
     def closer_look(self, pixels: np.ndarray, roi_xyxy: Optional[np.ndarray], previous_mask: Optional[np.ndarray],
-                    organ: Optional[str], query: Optional[str], job=None) -> ChatResult:
+                    organ: Optional[str], query: Optional[str], job=None,
+                    neighbours: Optional[np.ndarray] = None) -> ChatResult:
         if job is not None:
             job.check_cancelled()
         with self._model_call("closer look"):
-            return self.pipeline.closer_look(pixels, roi_xyxy=roi_xyxy, mask=previous_mask, organ=organ, query=query)
+            return self.pipeline.closer_look(pixels, roi_xyxy=roi_xyxy, mask=previous_mask, organ=organ, query=query,
+                                             neighbours_hu=neighbours)
 
     def propagate(self, stack: np.ndarray, seed: int, slice_range: Tuple[int, int], direction: str, strategy: str,
                   organ: Optional[str] = None, query: Optional[str] = None, seed_mask: Optional[np.ndarray] = None,
-                  job=None) -> PropagationOutcome:
+                  job=None, neighbours_of: Optional[NeighboursOf] = None) -> PropagationOutcome:
         """Requery strategy: ask the query again on each slice outward from ``seed``; a direction stops at the
-        first slice where the organ is absent (empty mask) or at the end of ``slice_range``."""
+        first slice where the organ is absent (empty mask) or at the end of ``slice_range``.
+        ``neighbours_of(k)``: the slices either side of stack slice ``k`` for the model (None: none sent)."""
         from ..organs import get_organ
         if strategy != "requery":
             raise RpcError(ErrorCode.INVALID_PARAMS, f"strategy {strategy!r} is not available on this server")
@@ -239,7 +267,8 @@ class Engine:
         outcome = PropagationOutcome(organ=organ)
 
         def segment(k: int) -> Optional[Tuple[np.ndarray, float]]:
-            result = self.chat(stack[k], query, [], closer_look=False, job=job)
+            neighbours = None if neighbours_of is None else neighbours_of(k)
+            result = self.chat(stack[k], query, [], closer_look=False, job=job, neighbours=neighbours)
             if outcome.organ is None:
                 outcome.organ = result.target_organ
             wanted = [m for m in result.masks if outcome.organ is None or m.organ == outcome.organ]

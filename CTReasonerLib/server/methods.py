@@ -5,7 +5,6 @@ ignored (a newer client with the same major version may send optional extras).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -14,10 +13,12 @@ import numpy as np
 
 from .. import __version__ as SERVER_VERSION
 from ..client.encoding import MASK_ENCODINGS, decode_array, decode_mask, encode_mask, encode_probability
-from ..client.geometry import SliceGeometry
+from ..client.geometry import SliceGeometry, ijk_spacing
 from ..client.spec import PROTOCOL_VERSION, ErrorCode, parse_version, versions_compatible
+from ..io.slices import neighbour_offset, neighbour_slices
 from ..organs import get_organ
 from ..results import ChatResult, MaskPrediction
+from .engine import NeighboursOf, pixel_digest
 from .protocol import MethodRegistry, RpcError, invalid_params
 from .service import CallContext
 
@@ -90,10 +91,10 @@ def _window(params: Dict[str, Any]) -> Optional[Tuple[float, float]]:
     return float(center), float(width)
 
 
-def _content_id(pixels: np.ndarray, geometry: SliceGeometry) -> str:
-    """SHA-1 of the HU pixels, their shape and where they sit (equal air slices at two k are two images;
-    they still share one cached embedding, which the engine keys by pixels alone)."""
-    digest = hashlib.sha1(np.ascontiguousarray(pixels, dtype=np.float32).tobytes())
+def _content_id(pixels: np.ndarray, geometry: SliceGeometry, neighbours: Optional[np.ndarray] = None) -> str:
+    """SHA-1 of the HU pixels, their neighbours (if sent), their shape and where they sit (equal air slices at
+    two k are two images; they still share one cached embedding, which the engine keys by pixels alone)."""
+    digest = pixel_digest(pixels, neighbours)
     digest.update(repr((pixels.shape, geometry.k, np.round(geometry.ijk_to_ras, 6).tolist())).encode())
     return digest.hexdigest()
 
@@ -230,13 +231,29 @@ def _decode_pixels(context: CallContext, payload: Any, name: str, ndim: int) -> 
     return pixels.astype(np.float32, copy=False)
 
 
+def _neighbours(context: CallContext, params: Dict[str, Any], shape: Tuple[int, int]) -> Optional[np.ndarray]:
+    """The optional (2, H, W) float32 HU of the slices below and above the (H, W) image, or None."""
+    payload = _param(params, "neighbours", dict)
+    if payload is None:
+        return None
+    neighbours = _decode_pixels(context, payload, "neighbours", ndim=3)
+    if neighbours.shape != (2,) + tuple(shape):
+        raise invalid_params(f"'neighbours' has shape {list(neighbours.shape)}; the {shape[1]}x{shape[0]} image "
+                             f"needs {[2, *shape]}: the slice below it, then the one above, at its size",
+                             "send both neighbouring slices uncropped (CTReasonerLib.io.slices.neighbour_slices), "
+                             "or none")
+    return neighbours
+
+
 @registry.method("set_image", runs_as_job=True)
 def set_image(context: CallContext, params: Dict[str, Any]) -> Dict[str, Any]:
-    """Store a slice in the session; encode it now when the model is ready (cached by content hash)."""
+    """Store a slice (and the slices either side, if sent) in the session; encode it now when the model is
+    ready (cached by content hash)."""
     from .sessions import ImageRecord
     pixels = _decode_pixels(context, _param(params, "image", dict, required=True), "image", ndim=2)
+    neighbours = _neighbours(context, params, pixels.shape)
     geometry = SliceGeometry.from_wire(_param(params, "geometry", dict), pixels.shape)
-    record = ImageRecord(_content_id(pixels, geometry), pixels, geometry, _window(params))
+    record = ImageRecord(_content_id(pixels, geometry, neighbours), pixels, geometry, _window(params), neighbours)
     context.session.add_image(record)
     started = time.perf_counter()
     embedding = "deferred"
@@ -276,7 +293,7 @@ def chat(context: CallContext, params: Dict[str, Any]) -> Dict[str, Any]:
     mask_encoding, with_probability = _mask_options(options)
     result = context.engine.chat(record.pixels, message, history, closer_look=closer_look,
                                  score_threshold=score_threshold, return_probabilities=with_probability,
-                                 job=context.job)
+                                 job=context.job, neighbours=record.neighbours)
     _remember_masks(context, record.image_id, result.masks)
     return encode_chat_result(result, mask_encoding, with_probability)
 
@@ -336,7 +353,8 @@ def closer_look(context: CallContext, params: Dict[str, Any]) -> Dict[str, Any]:
                              "run chat first or pass roi_xyxy")
     if organ is None and not query:
         raise invalid_params("closer_look needs 'organ' or 'query' to know what to look at")
-    result = context.engine.closer_look(record.pixels, roi, previous_mask, organ, query, job=context.job)
+    result = context.engine.closer_look(record.pixels, roi, previous_mask, organ, query, job=context.job,
+                                        neighbours=record.neighbours)
     _remember_masks(context, record.image_id, result.masks)
     return encode_chat_result(result, *_mask_options(params))
 
@@ -344,7 +362,7 @@ def closer_look(context: CallContext, params: Dict[str, Any]) -> Dict[str, Any]:
 @registry.method("propagate", runs_as_job=True, needs_model=True)
 def propagate(context: CallContext, params: Dict[str, Any]) -> Dict[str, Any]:
     """3D from a seed slice over an uploaded volume (or a list of uploaded slices), with progress."""
-    stack, volume_id, k_offset = _propagation_stack(context, params)
+    stack, volume_id, k_offset, neighbours_of = _propagation_stack(context, params)
     depth, height, width = stack.shape
     first, last = k_offset, k_offset + depth - 1
     seed_k = _param(params, "seed_k", int, required=True)
@@ -377,19 +395,21 @@ def propagate(context: CallContext, params: Dict[str, Any]) -> Dict[str, Any]:
         raise invalid_params("strategy 'sam2' needs a 'seed_mask' on slice seed_k")
     started = time.perf_counter()
     outcome = context.engine.propagate(stack, seed_k - k_offset, (first - k_offset, last - k_offset), direction,
-                                       strategy, organ=organ, query=query, seed_mask=seed_mask, job=context.job)
+                                       strategy, organ=organ, query=query, seed_mask=seed_mask, job=context.job,
+                                       neighbours_of=neighbours_of)
     return {"volume_id": volume_id, "organ": outcome.organ, "stopped": outcome.stopped,
             "slices": [{"k": int(k) + k_offset, "score": _finite_or_none(score), "mask": encode_mask(mask)}
                        for k, (mask, score) in sorted(outcome.masks.items())],
             "timings_ms": {"total": round((time.perf_counter() - started) * 1000.0, 3)}}
 
 
-def _propagation_stack(context: CallContext, params: Dict[str, Any]) -> Tuple[np.ndarray, str, int]:
-    """(stack (K, H, W), its id, k of its first slice): an uploaded volume (k from 0), or uploaded slices
-    that are consecutive in their geometry's k."""
+def _propagation_stack(context: CallContext, params: Dict[str, Any]) -> Tuple[np.ndarray, str, int, NeighboursOf]:
+    """(stack (K, H, W), its id, k of its first slice, the neighbours of each of its slices): an uploaded
+    volume (k from 0; neighbours from the volume itself), or uploaded slices that are consecutive in their
+    geometry's k (each with the neighbours it was sent with)."""
     if params.get("volume_id") is not None:
         record = context.session.volume(_param(params, "volume_id", str))
-        return record.pixels, record.volume_id, 0
+        return record.pixels, record.volume_id, 0, _volume_neighbours(context, record)
     image_ids = _param(params, "image_ids", list)
     if not image_ids:
         raise invalid_params("propagate needs 'volume_id' or 'image_ids'")
@@ -399,4 +419,14 @@ def _propagation_stack(context: CallContext, params: Dict[str, Any]) -> Tuple[np
     ks = [r.geometry.k for r in records]
     if ks != list(range(ks[0], ks[0] + len(ks))):
         raise invalid_params("'image_ids' must be consecutive slices in k order (their geometry.k values)")
-    return np.stack([r.pixels for r in records]), ",".join(image_ids), ks[0]
+    return np.stack([r.pixels for r in records]), ",".join(image_ids), ks[0], lambda k: records[k].neighbours
+
+
+def _volume_neighbours(context: CallContext, record) -> NeighboursOf:
+    """Slice k of an uploaded volume -> its neighbours at the model's distance, k's spacing from the volume's
+    geometry (clamped at the ends of the volume sent); None throughout when the model reads none."""
+    distance = context.engine.neighbour_distance_mm
+    if distance is None:
+        return lambda k: None
+    offset = neighbour_offset(ijk_spacing(record.ijk_to_ras)[2], distance)
+    return lambda k: neighbour_slices(record.pixels, k, offset)

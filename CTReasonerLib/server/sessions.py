@@ -23,11 +23,13 @@ from .protocol import RpcError
 
 @dataclass
 class ImageRecord:
-    """One uploaded slice. pixels: (H, W) float32 HU; window: (center, width) or None."""
+    """One uploaded slice. pixels: (H, W) float32 HU; window: (center, width) or None; neighbours: (2, H, W)
+    float32 HU of the slices below and above it that the model's pixel network reads, or None (not sent)."""
     image_id: str
     pixels: np.ndarray
     geometry: SliceGeometry
     window: Optional[Tuple[float, float]]
+    neighbours: Optional[np.ndarray] = None
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..client.geometry import ijk_spacing, neighbour_offset, neighbour_slices
 from ..errors import ConfigError, CTReasonerError
 from ..organs import Organ, get_organ
 from ..results import ChatResult, MaskPrediction
@@ -66,13 +67,29 @@ class Conversation:
 
 @dataclass
 class _VolumeSnapshot:
-    """Scene data a worker needs, copied on the main thread."""
+    """Scene data a worker needs, copied on the main thread.
+
+    array_kji: (K, J, I) the whole volume, or (1, J, I) only the slice asked about.
+    neighbour_offset: slices between a slice and each neighbour the backend's model reads; None: it reads none.
+    slice_neighbours: (2, J, I) the neighbours of a one-slice snapshot's slice, taken from the whole volume.
+    """
     node_id: str
     name: str
     array_kji: np.ndarray
     ijk_to_world: np.ndarray
     window: Tuple[float, float]
     modified_time: int
+    neighbour_offset: Optional[int] = None
+    slice_neighbours: Optional[np.ndarray] = None
+
+    def neighbours(self, k: int) -> Optional[np.ndarray]:
+        """(2, J, I) HU of the slices ``neighbour_offset`` below and above slice ``k``, clamped to the volume
+        (what the model was trained and evaluated with), or None when the model reads no neighbours."""
+        if self.neighbour_offset is None:
+            return None
+        if self.slice_neighbours is not None:
+            return self.slice_neighbours
+        return neighbour_slices(self.array_kji, k, self.neighbour_offset)
 
 
 def model_id_from_info(info: Dict[str, Any]) -> str:
@@ -229,9 +246,20 @@ class SceneLogic:
         window = DEFAULT_WINDOW
         if display is not None and display.IsA("vtkMRMLScalarVolumeDisplayNode") and display.GetWindow() > 0:
             window = (float(display.GetLevel()), float(display.GetWindow()))
-        return _VolumeSnapshot(volumeNode.GetID(), volumeNode.GetName(), array,
-                               geometry.volume_ijk_to_world(volumeNode), window,
-                               int(volumeNode.GetImageData().GetMTime()))
+        ijk_to_world = geometry.volume_ijk_to_world(volumeNode)
+        offset = self._neighbour_offset(ijk_to_world)
+        # a one-slice snapshot still needs its neighbours from the whole volume (neighbour_slices copies them)
+        slice_neighbours = None if whole_volume or offset is None else neighbour_slices(voxels, k, offset)
+        return _VolumeSnapshot(volumeNode.GetID(), volumeNode.GetName(), array, ijk_to_world, window,
+                               int(volumeNode.GetImageData().GetMTime()), offset, slice_neighbours)
+
+    def _neighbour_offset(self, ijk_to_world: np.ndarray) -> Optional[int]:
+        """Slices between a slice and each neighbour the backend's model reads (its advertised distance over the
+        volume's slice spacing), or None when it reads none: then nothing extra is copied or sent."""
+        distance = getattr(self._client, "neighbour_distance_mm", None)
+        if distance is None:
+            return None
+        return neighbour_offset(ijk_spacing(ijk_to_world)[2], distance)
 
     def _volume_node(self, node_id: str):
         import slicer
@@ -248,12 +276,14 @@ class SceneLogic:
     # ------------------------------------------------------------------------------------------ uploads (worker)
 
     def _upload_slice(self, snapshot: _VolumeSnapshot, k: int, row: int, context: JobContext) -> str:
-        key = ("slice", snapshot.node_id, snapshot.modified_time, int(k))
+        # the same slice sent with other (or no) neighbours is another image on the server
+        key = ("slice", snapshot.node_id, snapshot.modified_time, int(k), snapshot.neighbour_offset)
         with self._uploads_lock:
             if key in self._uploads:
                 return self._uploads[key]
         image_id = self.client.set_image(snapshot.array_kji[row], ijk_to_ras=snapshot.ijk_to_world, k=int(k),
-                                         window=snapshot.window, job_id=context.new_server_job_id())
+                                         window=snapshot.window, job_id=context.new_server_job_id(),
+                                         neighbours=snapshot.neighbours(int(k)))
         with self._uploads_lock:
             self._uploads[key] = image_id
         return image_id

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -57,8 +57,15 @@ class PresenceFit:
     heldout_bce: Optional[float] = None
 
 
-def dataset_slices(root: str, split: str, max_slices: Optional[int] = None, seed: int = 0) -> List[Tuple[np.ndarray, np.ndarray]]:
-    """The distinct slices of ``split`` as (HU (H, W), labels (H, W)) pairs, at most ``max_slices`` (a seeded draw)."""
+def dataset_slices(root: str, split: str, max_slices: Optional[int] = None, seed: int = 0,
+                   neighbours: bool = False) -> List[Tuple[np.ndarray, ...]]:
+    """The distinct slices of ``split`` as (HU (H, W), labels (H, W)) pairs, at most ``max_slices`` (a seeded draw);
+    with ``neighbours``, (HU, labels, neighbours' HU (2, H, W)) triples, and an error when the dataset has none."""
+    return list(iter_dataset_slices(distinct_slice_samples(root, split, max_slices, seed), neighbours, root))
+
+
+def distinct_slice_samples(root: str, split: str, max_slices: Optional[int] = None, seed: int = 0) -> List:
+    """One ``Sample`` per distinct slice of ``split`` (pixels load lazily), at most ``max_slices`` (a seeded draw)."""
     dataset = CuratedDataset(root, split)
     seen: Dict[Tuple[str, int], int] = {}
     for index, record in enumerate(dataset.records):
@@ -66,8 +73,19 @@ def dataset_slices(root: str, split: str, max_slices: Optional[int] = None, seed
     indices = sorted(seen.values())
     if max_slices is not None and len(indices) > max_slices:
         indices = sorted(np.random.default_rng(seed).choice(indices, size=max_slices, replace=False).tolist())
-    samples = (dataset[i] for i in indices)
-    return [(np.asarray(s.image_hu), np.asarray(s.labels)) for s in samples]
+    return [dataset[i] for i in indices]
+
+
+def iter_dataset_slices(samples, neighbours: bool = False, root: str = "the dataset") -> Iterator[Tuple[np.ndarray, ...]]:
+    """``dataset_slices``' tuples one at a time (a fit on thousands of slices need not hold their HU at once)."""
+    for sample in samples:
+        if not neighbours:
+            yield np.asarray(sample.image_hu), np.asarray(sample.labels)
+            continue
+        if sample.neighbours_hu is None:
+            raise ConfigError(f"{root} stores no neighbouring slices (curated before they were)",
+                              "re-curate it with this version of ctreasoner curate")
+        yield np.asarray(sample.image_hu), np.asarray(sample.labels), np.asarray(sample.neighbours_hu)
 
 
 @torch.inference_mode()

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Tuple
 
 from ...errors import ConfigError
+from ...io.slices import NEIGHBOUR_DISTANCE_MM
 
 # Small or thin structures whose appearance changes quickly between slices; the paper protects them
 # from the redundancy filter and the closer look matters most for them.
@@ -24,6 +25,9 @@ class CurationConfig:
     protected_area_change: float = 0.30     # ... or with an area change at or above this
     max_gap_slices: int = 4                 # never skip more than this many foreground slices in a row
     min_foreground_px: int = 20             # fewer labelled pixels than this counts as background-only
+
+    # the slices stored either side of each retained one (for the pixel network's context), about this far off
+    neighbour_distance_mm: float = NEIGHBOUR_DISTANCE_MM
 
     # --- visual prompts (prompts.py) ---
     min_component_area_px: int = 8          # smaller connected components get no box of their own
@@ -63,6 +67,8 @@ class CurationConfig:
                 raise ConfigError(f"{name} must lie in [0, 1], got {value}")
         if self.absent_fraction >= 1.0:
             raise ConfigError("absent_fraction must be below 1")
+        if not self.neighbour_distance_mm > 0:
+            raise ConfigError(f"neighbour_distance_mm must be positive, got {self.neighbour_distance_mm}")
         if self.max_gap_slices < 1:
             raise ConfigError(f"max_gap_slices must be at least 1, got {self.max_gap_slices}")
 

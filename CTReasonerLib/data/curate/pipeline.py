@@ -5,7 +5,9 @@ Layout written (documented in docs/dataset.md)::
     DIR/dataset.json                 format, version, organs, config, counts, per-subject geometry
     DIR/splits.json                  {"train": [subjects], "val": [...], "test": [...]}
     DIR/slices/<subject>.npz         image int16 (S,H,W) HU, labels uint8 (S,H,W), slice_indices (S,),
-                                     spacing (3,) IJK mm, ijk_to_ras (4,4)
+                                     neighbours int16 (S,2,H,W) HU (the slices about
+                                     neighbour_distance_mm below and above), spacing (3,) IJK mm,
+                                     ijk_to_ras (4,4)
     DIR/records/{train,val,test}.jsonl   one record per (slice, organ, task)
 
 Volumes are processed in a process pool; every random choice is seeded from (config.seed, subject,
@@ -27,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ...errors import ConfigError, InputFileError
+from ...io.slices import neighbour_offset, neighbour_slices
 from ...io.volume import Volume
 from ...organs import ORGAN_BY_KEY, ORGANS
 from ..dataset import DATASET_FORMAT, SPLITS, SUPPORTED_VERSIONS
@@ -139,7 +142,11 @@ def curate_volume(subject: str, ct: Volume, labels: np.ndarray, config: Curation
                       "dropped_redundant": selection.dropped_redundant},
         "n_records": len(records),
     }
-    arrays = {"image": image, "labels": label_slices, "slice_indices": np.asarray(selection.retained, dtype=np.int32),
+    offset = neighbour_offset(ct.spacing[2], config.neighbour_distance_mm)
+    neighbours = (np.stack([to_hu_int16(neighbour_slices(ct.array, k, offset)) for k in selection.retained])
+                  if selection.retained else np.zeros((0, 2) + ct.array.shape[1:], np.int16))
+    arrays = {"image": image, "labels": label_slices, "neighbours": neighbours,
+              "slice_indices": np.asarray(selection.retained, dtype=np.int32),
               "spacing": np.asarray(ct.spacing, dtype=np.float64), "ijk_to_ras": np.asarray(ijk_to_ras, dtype=np.float64)}
     return SubjectCuration(subject, records, info, arrays)
 
