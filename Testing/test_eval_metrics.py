@@ -133,6 +133,7 @@ class FakeSample:
     spacing: np.ndarray = field(default_factory=lambda: np.array([1.0, 1.0]))
     turns: List[Dict[str, str]] = field(default_factory=list)
     history: List[Dict[str, str]] = field(default_factory=list)
+    neighbours_hu: Optional[np.ndarray] = None
 
 
 class ScriptedPipeline:
@@ -155,9 +156,12 @@ class ScriptedPipeline:
         self.score_thresholds = set()
 
     def chat(self, image_hu, query, history, closer_look=False, score_threshold=None, return_probabilities=True,
-             box_source=None) -> ChatResult:
+             box_source=None, neighbours_hu=None) -> ChatResult:
         sample = self.by_query[query]
         assert history == [(turn["query"], turn["answer"]) for turn in sample.history]  # the record's dialogue
+        # the record's neighbouring slices reach the model on every call, or none when the dataset has none
+        assert (neighbours_hu is None) == (sample.neighbours_hu is None)
+        assert neighbours_hu is None or np.array_equal(neighbours_hu, sample.neighbours_hu)
         self.calls.append((sample.id, closer_look))
         self.score_thresholds.add(score_threshold)
         threshold = self.config.detection.score_threshold if score_threshold is None else score_threshold
@@ -190,9 +194,12 @@ def _scenario():
         mask = _square(10, 10, size)
         box = np.array([[10, 10, 10 + size, 10 + size]], dtype=np.float32)
         earlier = [{"query": "Segment the aorta.", "answer": "The aorta is here. [SEG]"}] if index % 2 else []
+        # odd organs come from a dataset that stores the slices either side, even ones from one that does not
+        neighbours = np.full((2, 64, 64), index, dtype=np.int16) if index % 2 else None
         for task in ("seg", "det"):
             samples.append(FakeSample(f"{organ.key}_{task}", organ.key, task, task, image, mask, box,
-                                      turns=[{"query": f"{task} {organ.name}"}], history=earlier))
+                                      turns=[{"query": f"{task} {organ.name}"}], history=earlier,
+                                      neighbours_hu=neighbours))
         samples.append(FakeSample(f"{organ.key}_absent", organ.key, "absent", "det", image,
                                   np.zeros((64, 64), dtype=bool), np.zeros((0, 4), np.float32),
                                   turns=[{"query": f"where is the {organ.name}?"}]))
