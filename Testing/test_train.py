@@ -663,6 +663,17 @@ def test_fit_presence_neighbours_widens_the_pixel_network_and_the_pipeline_reads
     with pytest.raises(InputFileError, match="NaN"):
         pipeline.chat(sample.image_hu, "segment the liver", neighbours_hu=nan)
 
+    assert pipeline.neighbour_distance_mm == 3.0
+    # the network asks for the neighbours it learnt: those of the dataset it was fitted on
+    far = tmp_path / "far-dataset"
+    shutil.copytree(tiny_dataset, far)
+    info = json.loads((far / "dataset.json").read_text())
+    info["config"]["neighbour_distance_mm"] = 6.0
+    (far / "dataset.json").write_text(json.dumps(info))
+    assert cli_main(["fit-presence", str(flat), str(far), "--out", str(tmp_path / "far"), "--head", "pixels",
+                     "--continue", "--neighbours", *common]) == 0
+    assert CTReasonerPipeline.from_pretrained(str(tmp_path / "far"), device="cpu").neighbour_distance_mm == 6.0
+
     # a dataset curated before neighbours were stored is refused by name; so are --neighbours on the image head
     # and a continued fit that would drop them
     old = tmp_path / "old-dataset"

@@ -12,7 +12,8 @@ It runs on the model-frame image (the segmenter's input, (B, 3, S, S) in [0, 1])
 ``image_size``. With ``neighbours`` it also sees the slices about ``neighbour_distance_mm`` below and above
 (``CTReasonerLib.io.slices.neighbour_slices``), stacked after the slice's own channels: at the first or last
 slice of an organ partial volume leaves a faint trace that one slice cannot tell from a stray pixel, while
-the organ next door can. Without neighbours (a lone slice) the slice stands in for them, as in training. It trains apart from the rest of the model (``ctreasoner fit-presence --head pixels``,
+the organ next door can. Without neighbours (a lone slice) the slice stands in for them, as in training.
+It trains apart from the rest of the model (``ctreasoner fit-presence --head pixels``,
 ``train/pixel_presence_fit.py``) and is frozen in ``ctreasoner train``; ``presence_from`` "pixels" or
 "image+pixels" makes the gate read it.
 """

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from CTReasonerLib.data.dataset import load_dataset_info
 from CTReasonerLib.errors import ConfigError
+from CTReasonerLib.io.slices import NEIGHBOUR_DISTANCE_MM
 from CTReasonerLib.model.pixel_presence import PixelPresenceConfig, build_pixel_presence, widen_to_neighbours
 from CTReasonerLib.organs import NUM_ORGANS, ORGAN_BY_KEY
 from CTReasonerLib.train.presence_fit import (PresenceFit, PresenceFitSettings, dataset_slices, distinct_slice_samples,
@@ -121,6 +122,12 @@ def dataset_presence_rule(dataset_root: str):
     return min_area, annotated
 
 
+def dataset_neighbour_distance(dataset_root: str) -> float:
+    """How far either side of each slice a curated dataset stored its neighbours, in mm."""
+    info = load_dataset_info(dataset_root)
+    return float((info.get("config") or {}).get("neighbour_distance_mm", NEIGHBOUR_DISTANCE_MM))
+
+
 def presence_bce(scores: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """BCE of (B, NUM_ORGANS) presence probabilities against ``presence_targets`` rows, the -1 entries left out."""
     scored = targets >= 0
@@ -149,6 +156,8 @@ def fit_pixel_presence(model, dataset_root: str, split: str = "train", heldout_s
     if continue_fit:
         config = _config_to_continue(model, config)
     config = (config or PixelPresenceConfig()).validate()
+    if config.neighbours:  # the network learns the neighbours the dataset stores, so it asks for the same
+        config = replace(config, neighbour_distance_mm=dataset_neighbour_distance(dataset_root))
     samples = distinct_slice_samples(dataset_root, split, settings.max_slices, settings.seed)
     if not samples:
         raise ConfigError(f"split '{split}' of {dataset_root} has no slices", "pick a split that has records")
