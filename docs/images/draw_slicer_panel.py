@@ -89,7 +89,7 @@ button(98, y, 70, "Stop")
 button(176, y, 130, "Test connection")
 d.text((318, y + 6), "* ready", fill=(46, 125, 50), font=FONT)
 y += 30
-d.text((20, y), "CTReasoner-Tiny, device cpu, dtype float32, server 0.1.0, protocol 1.0", fill=(60, 60, 60), font=FONT)
+d.text((20, y), "CTReasoner-Tiny, device cpu, dtype float32, server 0.1.0, protocol 1.1", fill=(60, 60, 60), font=FONT)
 d.text((20, y + 16), "> Set up local backend (creates a venv, installs the backend with pinned torch)",
        fill=(60, 60, 60), font=FONT)
 
