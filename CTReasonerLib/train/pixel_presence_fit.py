@@ -55,13 +55,21 @@ def prepare_slices(model, net, slices, progress: bool = True, count: Optional[in
     labelled = []
     for row, (hu, labels, *neighbours) in enumerate(tqdm(slices, total=count, desc="preparing slices", unit="slice",
                                                          disable=not progress)):
-        image, transform, _ = model.slice_input(hu)
-        context = model.neighbour_input(neighbours[0])[None] if net.config.neighbours else None
-        images[row] = store_inputs(net.resize(net.inputs(image[None], context))[0])
+        inputs, transform = network_input(model, net, hu, *neighbours)
+        images[row] = store_inputs(net.resize(inputs[None])[0])
         labelled.append((labels, transform))
     if len(labelled) != count:
         raise ValueError(f"expected {count} slices, got {len(labelled)}")
     return images, labelled
+
+
+def network_input(model, net, hu, neighbours_hu=None):
+    """(H, W) HU of a slice and (2, H, W) of its neighbours (None: none) -> ((C, S, S) input of the pixel network
+    in the model frame, the slice's ``ResizeToSquare``), as the pipeline builds it."""
+    image, transform, _ = model.slice_input(hu)
+    reads_neighbours = net.config.neighbours and neighbours_hu is not None
+    context = model.neighbour_input(neighbours_hu)[None] if reads_neighbours else None
+    return net.inputs(image[None], context)[0], transform
 
 
 #: the prepared inputs are windowed values in [0, 1] kept as 8-bit steps (1.6 HU in the abdomen window, far
@@ -245,10 +253,9 @@ def heldout_presence_bce(model, slices, rule=(DEFAULT_MIN_ORGAN_AREA_PX, None), 
     total, count = 0.0, 0
     for start in range(0, len(slices), batch_size):
         chunk = slices[start:start + batch_size]
-        images = torch.stack([model.slice_input(hu)[0] for hu, *_ in chunk]).to(model.device)
-        context = (torch.stack([model.neighbour_input(neighbours) for _, _, neighbours in chunk]).to(images)
-                   if net.config.neighbours else None)
-        truth = torch.stack([presence_targets(labels, *rule) for _, labels, *_ in chunk]).to(images.device)
-        total += float(presence_bce(net.presence(net.inputs(images, context)), truth, reduction="sum"))
+        inputs = torch.stack([network_input(model, net, hu, *neighbours)[0] for hu, _, *neighbours in chunk])
+        inputs = inputs.to(model.device)
+        truth = torch.stack([presence_targets(labels, *rule) for _, labels, *_ in chunk]).to(inputs.device)
+        total += float(presence_bce(net.presence(inputs), truth, reduction="sum"))
         count += int((truth >= 0).sum())
     return total / max(count, 1)
