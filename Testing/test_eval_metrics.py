@@ -247,6 +247,9 @@ def test_evaluate_scores_every_table_and_the_report_renders(tmp_path):
     assert "masks blend in the pixel network's organ map at weight 0.35" in render_report(summary)
     summary["run"].update(presence_gate=0.15, presence_from="image")
     assert "presence gate 0.15 on presence from `image`" in render_report(summary)
+    assert "context decision" not in render_report(summary)
+    summary["run"].update(presence_from="pixels", presence_context=True)
+    assert "from `pixels` (the pixel network's read by the context decision" in render_report(summary)
 
 
 def test_ap_ranks_boxes_below_the_display_threshold_but_absent_targets_count_only_shown_boxes():

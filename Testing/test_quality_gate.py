@@ -151,3 +151,24 @@ def test_eval_cli_can_switch_the_presence_gate_off(held_out, tmp_path):
     rows = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(row["presence"] is None for row in rows)
     assert "presence gate off" in (out / "eval_report.md").read_text()
+
+
+def test_eval_cli_can_switch_the_context_decision_off(summary, held_out, tmp_path):
+    """The committed model reads its pixel network through the context decision; --no-presence-context is the
+    ablation without it, and changes the presence probabilities the gate reads."""
+    import json
+
+    from CTReasonerLib.cli import main as cli_main
+
+    assert summary["run"]["presence_context"] is True
+    runs = {}
+    for name, flags in (("with", []), ("without", ["--no-presence-context"])):
+        out = tmp_path / name
+        assert cli_main(["eval", str(MODEL_DIR), str(held_out), "--split", "all", "--limit", "6", "--no-closer-ablation",
+                         "--device", "cpu", "--out", str(out), "--no-progress", *flags]) == 0
+        runs[name] = (json.loads((out / "eval_results.json").read_text()),
+                      [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()])
+    assert runs["with"][0]["run"]["presence_context"] and not runs["without"][0]["run"]["presence_context"]
+    pairs = [(a["presence"], b["presence"]) for a, b in zip(runs["with"][1], runs["without"][1])
+             if a["presence"] is not None and b["presence"] is not None]
+    assert pairs and any(abs(a - b) > 1e-3 for a, b in pairs)

@@ -692,3 +692,48 @@ def test_fit_presence_neighbours_widens_the_pixel_network_and_the_pipeline_reads
     with pytest.raises(ConfigError, match="keeps them"):
         _config_to_continue(model, PixelPresenceConfig(image_size=model.config.pixel_presence.image_size,
                                                        features=model.config.pixel_presence.features))
+
+    # --head context: the decision over the slice's and each neighbour's maps, written into the config; the
+    # pipeline's presence is that decision (with neighbours, and for a lone slice); its preconditions are named
+    from CTReasonerLib.model.context_presence import context_presence, slice_context_features
+    from CTReasonerLib.organs import get_organ
+
+    context = tmp_path / "context"
+    assert cli_main(["fit-presence", str(wide), str(tiny_dataset), "--out", str(context), "--head", "context",
+                     "--l2", "1e-2", "--gate", "0.4", "--rescue", "0.45", "--device", "cpu", "--no-progress"]) == 0
+    assert "subjects it has not seen" in capsys.readouterr().out     # the pixel network was fitted on this dataset
+    fitted = json.loads((context / "context_presence_fit.json").read_text())
+    assert fitted["head"] == "context" and fitted["l2"] == 1e-2 and fitted["questions"] > 0
+    assert fitted["bce_decision"] < fitted["bce_top_k_score"]
+    model = CTReasonerModel.from_pretrained(str(context), device="cpu")
+    decision = model.config.presence_context
+    assert decision is not None and len(decision.weights) == 14
+    assert (model.config.presence_gate, model.config.presence_rescue) == (0.4, 0.45)
+    pipeline = CTReasonerPipeline(model)
+    net = model.pixel_presence_net
+    label = get_organ(sample.organ).label
+    for neighbours_hu in (sample.neighbours_hu, None):
+        prepared = pipeline._prepare(sample.image_hu, neighbours_hu)
+        with torch.no_grad():
+            slice_map = net.probabilities(net.inputs(prepared.image[None], None if prepared.neighbours is None
+                                                     else prepared.neighbours[None]))[0]
+            neighbour_maps = None if prepared.neighbours is None else net.probabilities(net.inputs(prepared.neighbours))
+            expected = context_presence(decision, slice_context_features(slice_map, neighbour_maps,
+                                                                         net.config.top_k)[None])[0, label - 1]
+        assert float(pipeline._pixel_presence(prepared)[label - 1]) == pytest.approx(float(expected), abs=1e-5)
+    plain = CTReasonerPipeline(CTReasonerModel.from_pretrained(str(wide), device="cpu"))
+    assert (pipeline._pixel_presence(pipeline._prepare(sample.image_hu, sample.neighbours_hu))
+            - plain._pixel_presence(plain._prepare(sample.image_hu, sample.neighbours_hu))).abs().max() > 1e-3
+    # a pixel network refitted after it drops the decision that read the old one
+    refitted = tmp_path / "refitted"
+    assert cli_main(["fit-presence", str(context), str(tiny_dataset), "--out", str(refitted), "--head", "pixels",
+                     "--continue", *common]) == 0
+    assert "dropped" in capsys.readouterr().out
+    assert CTReasonerModel.from_pretrained(str(refitted), device="cpu").config.presence_context is None
+    for argv, message in [([str(flat), str(tiny_dataset), "--head", "context"], "does not read neighbouring slices"),
+                          ([str(source), str(tiny_dataset), "--head", "context"], "has none"),
+                          ([str(wide), str(tiny_dataset), "--head", "pixels", "--l2", "1"], "add --head context"),
+                          ([str(wide), str(tiny_dataset), "--head", "context", "--gate", "0.5", "--rescue", "0.4"],
+                           "must be >= presence_gate")]:
+        assert cli_main(["fit-presence", *argv, "--out", str(tmp_path / "refused"), "--no-progress"]) != 0
+        assert message in capsys.readouterr().err

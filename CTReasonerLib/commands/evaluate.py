@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pixel-mask-weight", metavar="W|off",
                         help="override the model's pixel_mask_weight for this run: a weight in [0, 1), or off (the "
                              "segmenter's masks alone); needs a model with a pixel network")
+    parser.add_argument("--no-presence-context", action="store_true",
+                        help="switch the model's context presence decision off for this run (the pixel network's "
+                             "presence is then its top-k score on the slice alone)")
     add_runtime_arguments(parser)
 
 
@@ -62,7 +65,8 @@ def run(args) -> int:
                                     limit=args.limit, device=args.device, progress=not args.no_progress,
                                     presence_gate=_probability_or_off(args.presence_gate, "--presence-gate"),
                                     presence_rescue=_probability_or_off(args.presence_rescue, "--presence-rescue"),
-                                    pixel_mask_weight=_weight_or_off(args.pixel_mask_weight))
+                                    pixel_mask_weight=_weight_or_off(args.pixel_mask_weight),
+                                    presence_context=not args.no_presence_context)
     seg, det = summary["segmentation"]["mean"], summary["detection"]
     print(f"mean Dice {seg['dice']:.4f}, HD95 {seg['hd95_mm']:.2f} mm, NSD {seg['nsd']:.4f}, mAP@0.1 {det['map']:.4f}, "
           f"routing {summary['routing']['accuracy']:.4f}, absent {summary['absent']['accuracy']:.4f}")

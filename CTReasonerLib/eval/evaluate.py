@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -216,11 +216,12 @@ def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_di
                    settings: Optional[EvalSettings] = None, limit: Optional[int] = None, device: str = "auto",
                    progress: bool = True, presence_gate: Union[None, float, str] = None,
                    presence_rescue: Union[None, float, str] = None,
-                   pixel_mask_weight: Union[None, float, str] = None):
+                   pixel_mask_weight: Union[None, float, str] = None, presence_context: bool = True):
     """Load a model folder, evaluate it on a dataset split, write the report; returns (summary, paths).
 
     ``presence_gate``, ``presence_rescue`` and ``pixel_mask_weight`` override the model's settings of those
-    names for this run: a value, or ``GATE_OFF`` (switched off); None keeps the model's.
+    names for this run: a value, or ``GATE_OFF`` (switched off); None keeps the model's. ``presence_context``
+    False switches the model's context decision off (its pixel network's presence is then the top-k score).
     """
     from CTReasonerLib.model.ctreasoner import CTReasonerModel
     from CTReasonerLib.model.inference import CTReasonerPipeline
@@ -235,6 +236,8 @@ def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_di
                  if value is not None}
     if overrides:
         set_inference_settings(model, **overrides)
+    if not presence_context:
+        model.config = replace(model.config, presence_context=None)
     settings = settings or EvalSettings()
     summary, outcomes = evaluate(CTReasonerPipeline(model), samples, settings, progress)
     summary["run"] = {"model": str(model_dir), "dataset": str(dataset_dir), "split": split,
@@ -242,6 +245,7 @@ def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_di
                       "presence_rescue": model.config.presence_rescue,
                       "closer_look_keep": model.config.closer_look.keep,
                       "pixel_mask_weight": model.config.pixel_mask_weight,
+                      "presence_context": model.config.presence_context is not None,
                       "records_in_split": records_in_split, "records_evaluated": len(samples)}
     paths = write_report(out_dir, summary, [asdict(o) for o in outcomes]) if out_dir else {}
     return summary, paths

@@ -86,6 +86,8 @@ def render_report(summary: Dict[str, Any], title: str = "CTReasoner evaluation")
               + (f"; presence gate {_gate(run['presence_gate'])}" if "presence_gate" in run else "")
               + (f" on presence from `{run['presence_from']}`" if run.get("presence_gate") is not None
                  and "presence_from" in run else "")
+              + (" (the pixel network's read by the context decision over the slice and its neighbours)"
+                 if run.get("presence_context") else "")
               + (f"; presence rescue {run['presence_rescue']:g}" if run.get("presence_rescue") is not None else "")
               + (f"; closer look keeps the `{run['closer_look_keep']}` round" if "closer_look_keep" in run else "")
               + (f"; masks blend in the pixel network's organ map at weight {run['pixel_mask_weight']:g}"

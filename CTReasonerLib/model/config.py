@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from CTReasonerLib.errors import ConfigError, InputFileError
 from CTReasonerLib.model.detection.head import DetectionHeadConfig
+from CTReasonerLib.model.context_presence import ContextPresenceConfig
 from CTReasonerLib.model.pixel_presence import PixelPresenceConfig
 from CTReasonerLib.model.segmenter.base import SegmenterConfig
 
@@ -156,6 +157,10 @@ class CTReasonerConfig:
     presence_from: str = "lvlm"
     #: the pixel-level presence network (``model/pixel_presence.py``); None = the model has none.
     pixel_presence: Optional[PixelPresenceConfig] = None
+    #: the context decision (``model/context_presence.py``, ``fit-presence --head context``): the pixel network's
+    #: presence read from the slice and from each neighbour on its own, instead of the slice's top-k score alone.
+    #: None = the top-k score. Needs a ``pixel_presence`` network that reads neighbours.
+    presence_context: Optional[ContextPresenceConfig] = None
     #: inference: weight w of the pixel network's organ map in the masks a chat answer shows (both rounds of a
     #: closer look, and the masks fused boxes come from): logits = (1 - w) * segmenter + w * pixel network, a
     #: weighted product of the two models' odds. None = the segmenter's mask alone (the paper). Needs
@@ -204,6 +209,17 @@ class CTReasonerConfig:
             problems.append(error.message)
         if self.pixel_presence is not None:
             problems += self.pixel_presence.problems()
+        if self.presence_context is not None:
+            problems += self.presence_context.problems()
+            if self.pixel_presence is None or not self.pixel_presence.neighbours:
+                problems.append("presence_context needs a pixel_presence network that reads neighbouring slices "
+                                "(ctreasoner fit-presence --head pixels --neighbours adds one)")
+            try:
+                if "pixels" not in presence_sources(self.presence_from):
+                    problems.append("presence_context refines the pixel network's presence, which presence_from "
+                                    f"{self.presence_from!r} does not read (add 'pixels')")
+            except ConfigError:
+                pass  # reported above
         if self.pixel_mask_weight is not None:
             if not _is_probability(self.pixel_mask_weight) or self.pixel_mask_weight == 1:
                 problems.append(f"pixel_mask_weight must be a weight in [0, 1) or null, got {self.pixel_mask_weight!r}")
@@ -273,7 +289,7 @@ class CTReasonerConfig:
 
 
 #: config sections that may be absent (None): a mapping given for one starts from its defaults
-_OPTIONAL_SECTIONS = {"pixel_presence": PixelPresenceConfig}
+_OPTIONAL_SECTIONS = {"pixel_presence": PixelPresenceConfig, "presence_context": ContextPresenceConfig}
 
 
 def _merge(instance, data: Dict[str, Any], prefix: str):

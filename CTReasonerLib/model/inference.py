@@ -35,6 +35,7 @@ from CTReasonerLib.model.detection.head import BOX_SOURCES
 from CTReasonerLib.model.detection.box_fusion import fuse_boxes, mask_to_boxes
 from CTReasonerLib.model.image_processing import ResizeToSquare
 from CTReasonerLib.model.config import presence_sources
+from CTReasonerLib.model.context_presence import context_presence, slice_context_features
 from CTReasonerLib.model.lvlm import Conversation, LVLMBatch
 from CTReasonerLib.model.pixel_presence import blend_mask_logits
 from CTReasonerLib.model.query import (is_closer_request, normalize_query, resolve_organ, says_not_visible,
@@ -59,6 +60,7 @@ class _Slice:
     key: str
     neighbours: Optional[torch.Tensor] = None   # (2, 3, S, S) the slices either side, for the pixel network
     pixel_probabilities: Optional[torch.Tensor] = None
+    pixel_presence: Optional[torch.Tensor] = None  # (NUM_ORGANS,) what the presence check reads of the pixel network
     pixel_organ_logits: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 
@@ -307,8 +309,7 @@ class CTReasonerPipeline:
             elif source == "image":
                 probabilities.append(torch.sigmoid(self.model.image_presence_head(features.image_embeddings.float())[0, index]))
             else:
-                net = self.model.pixel_presence_net
-                probabilities.append(net.presence_from_probabilities(self._pixel_probabilities(prepared)[None])[0, index])
+                probabilities.append(self._pixel_presence(prepared)[index])
         return float(torch.stack(probabilities).prod() ** (1.0 / len(probabilities))), organ
 
     def _pixel_probabilities(self, prepared: _Slice) -> torch.Tensor:
@@ -320,6 +321,23 @@ class CTReasonerPipeline:
             neighbours = None if prepared.neighbours is None else prepared.neighbours[None].to(image.device)
             prepared.pixel_probabilities = net.probabilities(net.inputs(image, neighbours))[0]
         return prepared.pixel_probabilities
+
+    def _pixel_presence(self, prepared: _Slice) -> torch.Tensor:
+        """(NUM_ORGANS,) presence probabilities of the pixel network on ``prepared``: the context decision over the
+        slice and its neighbours when the model has one (``presence_context``), else the slice's top-k score."""
+        if prepared.pixel_presence is None:
+            net = self.model.pixel_presence_net
+            probabilities = self._pixel_probabilities(prepared)
+            context = self.config.presence_context
+            if context is None:
+                prepared.pixel_presence = net.presence_from_probabilities(probabilities[None])[0]
+            else:
+                # each neighbour read on its own: the decision was fitted on those maps
+                neighbours = (None if prepared.neighbours is None else
+                              net.probabilities(net.inputs(prepared.neighbours.to(self.model.device))))
+                features = slice_context_features(probabilities, neighbours, net.config.top_k)
+                prepared.pixel_presence = context_presence(context, features[None])[0]
+        return prepared.pixel_presence
 
     def _pixel_organ_logits(self, prepared: _Slice, label: int) -> torch.Tensor:
         """(H, W) logits of the pixel network for the organ of ``label`` on the slice (upsampled once per slice:
