@@ -75,6 +75,7 @@ def test_config_is_checked_for_shape_values_and_the_pixel_network_it_needs():
     config = CTReasonerConfig.from_dict({"pixel_presence": {"neighbours": True}, "presence_from": "pixels",
                                          "presence_context": {"weights": good.weights, "bias": good.bias}})
     assert CTReasonerConfig.from_dict(config.to_dict()).presence_context == good
+    assert config.updated({"presence_context": None}).presence_context is None     # an override switches it off
 
 
 def test_fit_learns_each_organs_own_direction_and_beats_the_plain_score():

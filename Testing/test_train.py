@@ -724,6 +724,15 @@ def test_fit_presence_neighbours_widens_the_pixel_network_and_the_pipeline_reads
     plain = CTReasonerPipeline(CTReasonerModel.from_pretrained(str(wide), device="cpu"))
     assert (pipeline._pixel_presence(pipeline._prepare(sample.image_hu, sample.neighbours_hu))
             - plain._pixel_presence(plain._prepare(sample.image_hu, sample.neighbours_hu))).abs().max() > 1e-3
+    # a model whose gate reads image+pixels keeps reading both; the decision refines the pixels part
+    both = tmp_path / "both"
+    shutil.copytree(wide, both)
+    config = json.loads((both / "ctreasoner_config.json").read_text())
+    config["presence_from"] = "image+pixels"
+    (both / "ctreasoner_config.json").write_text(json.dumps(config))
+    assert cli_main(["fit-presence", str(both), str(tiny_dataset), "--out", str(tmp_path / "both-context"),
+                     "--head", "context", "--device", "cpu", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "both-context" / "ctreasoner_config.json").read_text())["presence_from"] == "image+pixels"
     # a pixel network refitted after it drops the decision that read the old one
     refitted = tmp_path / "refitted"
     assert cli_main(["fit-presence", str(context), str(tiny_dataset), "--out", str(refitted), "--head", "pixels",

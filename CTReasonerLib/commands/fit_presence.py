@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "context: the decision over the pixel network's maps of the slice and its neighbours")
     parser.add_argument("--presence-from", metavar="SOURCES",
                         help="what the gate reads afterwards: lvlm, image, pixels, or several joined by '+' "
-                             "(geometric mean), e.g. image+pixels (default: the fitted head)")
+                             "(geometric mean), e.g. image+pixels (default: the fitted head; --head context keeps "
+                             "the model's sources when they read pixels)")
     parser.add_argument("--gate", type=float, metavar="P",
                         help="the presence gate to write (default: keep the model's; 0.2 when it has none)")
     parser.add_argument("--rescue", type=float, metavar="P",
@@ -126,7 +127,9 @@ def fit_presence_folder(args):
                           "add --head pixels (the image head's loss is the presence BCE already), or leave it out")
     if not args.presence_weight >= 0:
         raise ConfigError(f"--presence-weight must be >= 0, got {args.presence_weight}")
-    presence_from = args.presence_from or ("pixels" if args.head == "context" else args.head)
+    presence_from = args.presence_from or args.head
+    if args.head == "context":
+        presence_from = args.presence_from or "pixels"   # or the model's own sources, once it is loaded (below)
     sources = presence_sources(presence_from)
     pixel_sizes = {name: value for name, value in (("image_size", args.pixel_size), ("features", args.pixel_features),
                                                    ("top_k", args.pixel_top_k),
@@ -139,6 +142,8 @@ def fit_presence_folder(args):
                                    seed=args.seed, max_slices=args.max_slices).validate()
     device = None if args.device == "auto" else args.device
     model = CTReasonerModel.from_pretrained(args.model, device=device)
+    if args.head == "context" and args.presence_from is None and "pixels" in presence_sources(model.config.presence_from):
+        presence_from = model.config.presence_from      # e.g. image+pixels: the decision refines its pixels part
     if "pixels" in sources and args.head != "pixels" and model.pixel_presence_net is None:
         raise ConfigError(f"--presence-from {presence_from} reads a pixel presence network, and {args.model} has none",
                           "fit one first (--head pixels), or leave 'pixels' out")

@@ -304,6 +304,9 @@ def _merge(instance, data: Dict[str, Any], prefix: str):
         current = getattr(instance, name)
         if current is None and name in _OPTIONAL_SECTIONS and value is not None:
             current = _OPTIONAL_SECTIONS[name]()
+        if value is None and name in _OPTIONAL_SECTIONS:
+            values[name] = None  # an optional section switched off
+            continue
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"model config section {prefix + name} must be a mapping")
