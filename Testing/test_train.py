@@ -64,9 +64,11 @@ def test_shipped_configs_load():
     assert tiny_model.detection.box_source == shipped.detection.box_source == "fused"
     # the recipe gates on the image head; the committed model's stage 9 fitted a pixel network to gate on
     assert (tiny_model.presence_from, tiny_model.presence_gate) == ("image", 0.15)
-    # (stage 12 trained it on at 256 px and chose its gate, rescue and prior weight again on validation subjects)
-    assert (shipped.presence_from, shipped.presence_gate) == ("pixels", 0.7) and shipped.pixel_presence.image_size == 256
-    assert tiny_model.presence_rescue == 0.5 and shipped.presence_rescue == 0.9
+    # (stage 12 trained it on at 256 px; stage 16 reads it through the context decision, whose gate and rescue were
+    # chosen on validation subjects)
+    assert (shipped.presence_from, shipped.presence_gate) == ("pixels", 0.4) and shipped.pixel_presence.image_size == 256
+    assert tiny_model.presence_rescue == 0.5 and shipped.presence_rescue == 0.45
+    assert shipped.presence_context is not None and tiny_model.presence_context is None
     assert tiny_model.max_history_turns == shipped.max_history_turns == 2
     # the recipe keeps the round its IoU head rates higher; the committed model blends the pixel network's organ
     # map into its masks, and with that round 2 is the better choice (stage 10)
