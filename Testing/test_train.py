@@ -733,7 +733,11 @@ def test_fit_presence_neighbours_widens_the_pixel_network_and_the_pipeline_reads
     config["presence_from"] = "image+pixels"
     (both / "ctreasoner_config.json").write_text(json.dumps(config))
     assert cli_main(["fit-presence", str(both), str(tiny_dataset), "--out", str(tmp_path / "both-context"),
-                     "--head", "context", "--device", "cpu", "--no-progress"]) == 0
+                     "--head", "context", "--heldout-split", "train", "--max-slices", "6", "--device", "cpu",
+                     "--no-progress"]) == 0
+    both_fit = json.loads((tmp_path / "both-context" / "context_presence_fit.json").read_text())
+    assert both_fit["slices"] == 6 and both_fit["heldout_split"] == "train"
+    assert both_fit["heldout_bce_decision"] < both_fit["heldout_bce_top_k_score"]   # on all 12 slices, 6 unseen
     assert json.loads((tmp_path / "both-context" / "ctreasoner_config.json").read_text())["presence_from"] == "image+pixels"
     # a pixel network refitted after it drops the decision that read the old one
     refitted = tmp_path / "refitted"
