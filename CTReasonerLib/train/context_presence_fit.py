@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from CTReasonerLib.errors import ConfigError
 from CTReasonerLib.model.context_presence import (CONTEXT_FEATURES, ContextPresenceConfig, context_presence,
-                                                  slice_context_features)
+                                                  organ_evidence, slice_context_features)
 from CTReasonerLib.organs import NUM_ORGANS
 from CTReasonerLib.train.pixel_presence_fit import dataset_presence_rule, network_input, presence_targets
 from CTReasonerLib.train.presence_fit import distinct_slice_samples, iter_dataset_slices
@@ -91,8 +91,8 @@ def context_rows(model, dataset_root: str, split: str, max_slices: Optional[int]
         in_volume = slice_context_features(probabilities[0], probabilities[1:3], net.config.top_k)
         lone = slice_context_features(probabilities[3], None, net.config.top_k)
         truth = presence_targets(labels, *rule)
-        open_question = (truth == 1) | ((truth == 0) & (probabilities[:3, 1:].flatten(2).topk(
-            net.config.top_k, dim=-1).values.mean(-1).amax(0) >= HARD_EXAMPLE_SCORE))
+        top_k_scores = organ_evidence(probabilities[:3], net.config.top_k)[..., 0]     # slice, below, above
+        open_question = (truth == 1) | ((truth == 0) & (top_k_scores.amax(0) >= HARD_EXAMPLE_SCORE))
         for form in (in_volume, lone):
             features.append(form[open_question])
             organs.append(torch.nonzero(open_question)[:, 0])
