@@ -79,7 +79,7 @@ def run(args) -> int:
     fit = fit_presence_folder(args)
     if args.head == "context":
         print(f"context presence fitted on {fit.rows} questions from {fit.train_slices} slices (BCE of the top-k score "
-              f"{fit.history[0]:.4f}, of the decision {fit.history[-1]:.4f}"
+              f"{fit.plain_bce:.4f}, of the decision {fit.decision_bce:.4f}"
               + (f"; held-out {fit.heldout_slices} slices: {fit.heldout_plain_bce:.4f} -> {fit.heldout_bce:.4f}"
                  if fit.heldout_bce is not None else "") + f"); model written to {args.out}")
         return 0
@@ -179,7 +179,7 @@ def fit_presence_folder(args):
     info = {"head": args.head, "fitted_from": str(Path(args.model).resolve()), "dataset": str(Path(args.dataset).resolve()),
             "split": args.split, "slices": fit.train_slices}
     if args.head == "context":
-        info.update({"questions": fit.rows, "bce_top_k_score": fit.history[0], "bce_decision": fit.history[-1],
+        info.update({"questions": fit.rows, "bce_top_k_score": fit.plain_bce, "bce_decision": fit.decision_bce,
                      "heldout_split": heldout if fit.heldout_bce is not None else None,
                      "heldout_bce_top_k_score": fit.heldout_plain_bce, "heldout_bce_decision": fit.heldout_bce,
                      "l2": args.l2 if args.l2 is not None else DEFAULT_L2, "max_slices": args.max_slices, "seed": args.seed,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -234,10 +234,10 @@ def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_di
                  for name, value in (("presence_gate", presence_gate), ("presence_rescue", presence_rescue),
                                      ("pixel_mask_weight", pixel_mask_weight))
                  if value is not None}
+    if not presence_context:
+        overrides["presence_context"] = None
     if overrides:
         set_inference_settings(model, **overrides)
-    if not presence_context:
-        model.config = replace(model.config, presence_context=None)
     settings = settings or EvalSettings()
     summary, outcomes = evaluate(CTReasonerPipeline(model), samples, settings, progress)
     summary["run"] = {"model": str(model_dir), "dataset": str(dataset_dir), "split": split,
@@ -252,8 +252,8 @@ def evaluate_model(model_dir: str, dataset_dir: str, split: str = "test", out_di
 
 
 def set_inference_settings(model, **settings: Optional[float]) -> None:
-    """Give ``model`` other ``presence_gate`` / ``presence_rescue`` / ``pixel_mask_weight`` values (None: off),
-    checked as its config checks them."""
+    """Give ``model`` other ``presence_gate`` / ``presence_rescue`` / ``pixel_mask_weight`` values, or switch
+    ``presence_context`` off (None: off), checked as its config checks them."""
     model.config = model.config.updated(settings)
 
 

@@ -202,11 +202,13 @@ class CTReasonerConfig:
         if self.loss.lm_decision_span < 1:
             problems.append(f"loss.lm_decision_span must be >= 1, got {self.loss.lm_decision_span}")
         try:
-            if "pixels" in presence_sources(self.presence_from) and self.pixel_presence is None:
-                problems.append("presence_from reads 'pixels' but the model has no pixel_presence network "
-                                "(ctreasoner fit-presence --head pixels adds one)")
+            sources = presence_sources(self.presence_from)
         except ConfigError as error:
             problems.append(error.message)
+            sources = None
+        if sources is not None and "pixels" in sources and self.pixel_presence is None:
+            problems.append("presence_from reads 'pixels' but the model has no pixel_presence network "
+                            "(ctreasoner fit-presence --head pixels adds one)")
         if self.pixel_presence is not None:
             problems += self.pixel_presence.problems()
         if self.presence_context is not None:
@@ -214,12 +216,9 @@ class CTReasonerConfig:
             if self.pixel_presence is None or not self.pixel_presence.neighbours:
                 problems.append("presence_context needs a pixel_presence network that reads neighbouring slices "
                                 "(ctreasoner fit-presence --head pixels --neighbours adds one)")
-            try:
-                if "pixels" not in presence_sources(self.presence_from):
-                    problems.append("presence_context refines the pixel network's presence, which presence_from "
-                                    f"{self.presence_from!r} does not read (add 'pixels')")
-            except ConfigError:
-                pass  # reported above
+            if sources is not None and "pixels" not in sources:
+                problems.append("presence_context refines the pixel network's presence, which presence_from "
+                                f"{self.presence_from!r} does not read (add 'pixels')")
         if self.pixel_mask_weight is not None:
             if not _is_probability(self.pixel_mask_weight) or self.pixel_mask_weight == 1:
                 problems.append(f"pixel_mask_weight must be a weight in [0, 1) or null, got {self.pixel_mask_weight!r}")

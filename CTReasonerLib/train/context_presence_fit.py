@@ -24,8 +24,8 @@ will be on a new patient, and the decision would learn to trust it too much:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,8 @@ class ContextFit:
     config: ContextPresenceConfig
     train_slices: int
     rows: int
-    history: List[float] = field(default_factory=list)
+    plain_bce: float
+    decision_bce: float
     heldout_slices: int = 0
     heldout_bce: Optional[float] = None
     heldout_plain_bce: Optional[float] = None
@@ -152,7 +153,7 @@ def fit_context_presence(model, dataset_root: str, split: str = "train", heldout
     logger.info("context presence: %d rows from %d slices (%.0f%% present)", len(rows.present), slices,
                 100 * float(rows.present.mean()))
     config = fit_decision(rows, l2)
-    fit = ContextFit(config, slices, len(rows.present), [plain_bce(rows), decision_bce(config, rows)])
+    fit = ContextFit(config, slices, len(rows.present), plain_bce(rows), decision_bce(config, rows))
     if heldout_split is not None:
         heldout, fit.heldout_slices = context_rows(model, dataset_root, heldout_split, progress=progress)
         fit.heldout_bce, fit.heldout_plain_bce = decision_bce(config, heldout), plain_bce(heldout)
