@@ -749,6 +749,8 @@ def test_fit_presence_neighbours_widens_the_pixel_network_and_the_pipeline_reads
                           ([str(source), str(tiny_dataset), "--head", "context"], "has none"),
                           ([str(wide), str(tiny_dataset), "--head", "pixels", "--l2", "1"], "add --head context"),
                           ([str(wide), str(tiny_dataset), "--head", "context", "--gate", "0.5", "--rescue", "0.4"],
-                           "must be >= presence_gate")]:
+                           "must be >= presence_gate"),
+                          ([str(wide), str(tiny_dataset), "--head", "context", "--presence-from", "lvlm"],
+                           "does not read")]:
         assert cli_main(["fit-presence", *argv, "--out", str(tmp_path / "refused"), "--no-progress"]) != 0
         assert message in capsys.readouterr().err

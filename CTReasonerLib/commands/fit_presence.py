@@ -131,6 +131,10 @@ def fit_presence_folder(args):
     if args.head == "context":
         presence_from = args.presence_from or "pixels"   # or the model's own sources, once it is loaded (below)
     sources = presence_sources(presence_from)
+    if args.head == "context" and "pixels" not in sources:
+        # refused before the slices are read: the config check after the fit would say the same
+        raise ConfigError(f"the context decision refines the pixel network's presence, which --presence-from "
+                          f"{presence_from} does not read", "add 'pixels' to --presence-from, or leave it out")
     pixel_sizes = {name: value for name, value in (("image_size", args.pixel_size), ("features", args.pixel_features),
                                                    ("top_k", args.pixel_top_k),
                                                    ("neighbours", True if args.neighbours else None)) if value is not None}
